@@ -1,0 +1,33 @@
+# histotoken: the two commands a new user needs are `make demo` and `make test`.
+# Both create the project's virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo_output
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## synthetic BreakHis -> model grid -> report.html
+	$(BIN)/histotoken demo --out $(DEMO_OUT)
+
+test: $(STAMP)  ## the whole test suite (CPU, tiny images and models)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)  ## README efficiency table at 224 px (slow: minutes on a 2-core CPU)
+	$(BIN)/python benchmarks/efficiency_table.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""histotoken evaluate: test a trained run on a (possibly different) magnification."""
+
+from __future__ import annotations
+
+from histotoken.cli.common import EPILOG_DOMAINS, add_command
+
+DESCRIPTION = f"""\
+Evaluate a run's best checkpoint on the test patients of its frozen split, at the
+magnification(s) you name: the train domain (in-domain) or another one (cross-domain).
+Writes RUN_DIR/eval/<domain>.json with accuracy, balanced accuracy, macro-F1, per-class
+precision/recall/F1, the confusion matrix, patient-level accuracy (the BreakHis patient
+recognition rate) and 95% bootstrap intervals over test patients.
+{EPILOG_DOMAINS}
+
+Examples:
+  histotoken evaluate runs/r18_100 --domain 400
+  histotoken evaluate runs/r18_100 --domain all --data /mnt/other/copy/of/BreaKHis
+"""
+
+
+def add_parser(subparsers):
+    parser = add_command(subparsers, "evaluate", "test a run on a domain (writes eval/<domain>.json)", DESCRIPTION)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `histotoken train`")
+    parser.add_argument("--domain", required=True, action="append", help="test domain; repeat for several")
+    parser.add_argument("--data", metavar="DATA_ROOT", help="read images from this copy of the data set instead")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    return parser
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from histotoken.data.domains import domain_name
+    from histotoken.engine.evaluate import evaluate_run
+
+    for domain in args.domain:
+        result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap)
+        lo, hi = result["ci95"]["macro_f1"]
+        print(
+            f"{result['domain']}: macro-F1 {result['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}], accuracy "
+            f"{result['accuracy']:.3f}, balanced accuracy {result['balanced_accuracy']:.3f}, patient accuracy "
+            f"{result['patient_accuracy']:.3f} ({result['n_images']} images, {result['n_patients']} patients)"
+        )
+        print(f"written to {Path(args.run_dir) / 'eval' / (domain_name(domain) + '.json')}")
+    return 0

@@ -1,0 +1,51 @@
+"""histotoken split: patient-disjoint train/val/test splits."""
+
+from __future__ import annotations
+
+from histotoken.cli.common import add_command
+
+DESCRIPTION = """\
+Make a train/val/test split of a BreakHis folder and write it as CSV (path, patient_id,
+tumor_class, label, magnification, split). A run freezes the split it used.
+
+By default whole patients go to one side, stratified by tumour subtype, across all
+magnifications: a test patient's images at every magnification are test images. BreakHis
+patient 14-13412 appears under two subtypes; it stays on one side.
+
+--scheme image splits images at random. Images of one patient then land in train and test
+(often near-identical fields of view), which inflates scores; use it only to reproduce
+published protocols that did this.
+
+Examples:
+  histotoken split ~/data/BreaKHis --out splits.csv --seed 1
+  histotoken split ~/data/BreaKHis --out fold2.csv --folds 5 --fold 2
+"""
+
+
+def add_parser(subparsers):
+    parser = add_command(subparsers, "split", "make a patient-disjoint split (CSV)", DESCRIPTION)
+    parser.add_argument("data_root", metavar="DATA_ROOT", help="folder holding BreaKHis_v1 (or below it)")
+    parser.add_argument("--out", required=True, metavar="CSV", help="where to write the split")
+    parser.add_argument("--scheme", choices=["patient", "image"], default="patient", help="patient (default) or image (leaky)")
+    parser.add_argument("--val", type=float, default=0.15, help="fraction of patients for validation (default 0.15)")
+    parser.add_argument("--test", type=float, default=0.15, help="fraction of patients for test (default 0.15)")
+    parser.add_argument("--folds", type=int, metavar="K", help="K-fold cross-validation over patients")
+    parser.add_argument("--fold", type=int, default=0, metavar="I", help="which fold is the test set (0..K-1)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def run(args) -> int:
+    from histotoken.data.index import load_index
+    from histotoken.data.splits import IMAGE_SCHEME_WARNING, make_split, split_summary, write_split
+
+    index = load_index(args.data_root).frame
+    split = make_split(index, args.scheme, args.val, args.test, args.folds, args.fold, args.seed)
+    if args.scheme == "image":
+        print(f"WARNING: {IMAGE_SCHEME_WARNING}")
+    print(split_summary(split).to_string())
+    counts = split.groupby("split")["patient_id"].nunique()
+    print("\npatients per side: " + ", ".join(f"{side} {counts.get(side, 0)}" for side in ("train", "val", "test")))
+    write_split(split, args.out)
+    print(f"split written to {args.out}")
+    return 0

@@ -1,0 +1,85 @@
+"""histotoken train: train one model on one train domain and write a run folder."""
+
+from __future__ import annotations
+
+from histotoken.cli.common import EPILOG_DOMAINS, add_command
+
+DESCRIPTION = f"""\
+Train one image classifier on a BreakHis folder and evaluate it on the test patients of
+its train domain. Any timm model name works (resnet18, deit_small_patch16_224,
+vit_small_patch16_224, swin_tiny_patch4_window7_224, mixer_s16_224, convmixer_768_32, ...)
+and so do histotoken's token-efficient families (tokenlearner_vit_small, tokenmixer_small,
+cnnprune_vit_small, ...). Model arguments go after a colon: cnnprune_vit_small:keep_ratio=0.5.
+
+Protocol defaults: AdamW lr 3e-4, weight decay 0.05, cosine schedule with warm-up, gradient
+clipping 1.0, bf16 mixed precision where the hardware has it, early stopping on validation
+macro-F1; the best checkpoint is chosen by validation macro-F1 (ties: accuracy).
+
+The run folder (--out) gets config.yaml, environment.json, splits.csv, metrics.csv,
+checkpoints/ and eval/<domain>.json. Re-running the same command resumes an interrupted run;
+a finished run is left as it is.
+
+Settings come from defaults <- --config YAML <- flags and KEY=VALUE pairs, e.g. lr=1e-4.
+{EPILOG_DOMAINS}
+
+Examples:
+  histotoken train --data ~/data/BreaKHis --model resnet18 --task binary --train-domain 100 --out runs/r18_100
+  histotoken train --data ~/data/BreaKHis --model deit_small_patch16_224 --task subtype \\
+      --train-domain 100+400 --pretrained --out runs/deit_mixed
+  histotoken train --config run.yaml --out runs/a epochs=5 lr=1e-4
+"""
+
+
+def add_parser(subparsers):
+    parser = add_command(subparsers, "train", "train one model (writes a run folder)", DESCRIPTION)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting of the run config")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write (or resume)")
+    parser.add_argument("--config", metavar="YAML", help="settings file (flags override it)")
+    parser.add_argument("--data", metavar="DATA_ROOT", help="folder holding BreaKHis_v1 (or below it)")
+    parser.add_argument("--model", help="timm model name, optionally NAME:key=value,... (default resnet18)")
+    parser.add_argument("--task", choices=["binary", "subtype"], help="benign/malignant or 8 subtypes (default binary)")
+    parser.add_argument("--train-domain", metavar="DOMAIN", help="magnification(s) to train on (default all)")
+    parser.add_argument("--splits", metavar="CSV", help="a split from `histotoken split` (default: made from the data)")
+    parser.add_argument("--img-size", type=int, help="input size in pixels (default 224)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default 30)")
+    parser.add_argument("--stages", metavar="E1,E2", help="epochs per stage for two-stage models (cnnprune_vit_*)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    parser.add_argument("--seed", type=int, help="random seed for split, initialisation and order (default 0)")
+    parser.add_argument("--balancing", choices=["none", "class_weights", "sampler"], help="counter class imbalance")
+    parser.add_argument("--pretrained", action="store_const", const=True, help="start from timm hub weights (needs network)")
+    parser.add_argument("--weights", metavar="FILE", help="start from a local .safetensors or timm checkpoint")
+    parser.add_argument("--merge-r", type=int, help="token merging: tokens merged per block (ViT/DeiT)")
+    parser.add_argument("--devices", help="Lightning devices, e.g. 1, 4 or auto (default auto)")
+    parser.add_argument("--accelerator", help="cpu, gpu or auto (default auto)")
+    parser.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed", "16-mixed"], help="numeric precision (default auto)")
+    return parser
+
+
+FLAG_FIELDS = {
+    "data": "data", "model": "model", "task": "task", "train_domain": "train_domain", "splits": "splits",
+    "img_size": "img_size", "epochs": "epochs", "stages": "stage_epochs", "batch_size": "batch_size",
+    "lr": "lr", "seed": "seed", "balancing": "balancing", "pretrained": "pretrained", "weights": "weights",
+    "merge_r": "merge_r", "devices": "devices", "accelerator": "accelerator", "precision": "precision",
+}
+
+
+def run(args) -> int:
+    from histotoken.config import load_run_config, parse_overrides
+    from histotoken.engine.fit import train
+
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    overrides.update(parse_overrides(args.overrides))
+    config = load_run_config(args.config, overrides)
+    result = train(config, args.out)
+    if result.already_finished:
+        print(f"{result.run_dir} is already finished; nothing to do (delete it to train again).")
+    else:
+        ev = result.evaluation
+        print(
+            f"best epoch {result.best.get('epoch')}: val macro-F1 {result.best.get('val/macro_f1'):.3f}; "
+            f"test ({ev['domain']}): macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f}, "
+            f"patient accuracy {ev['patient_accuracy']:.3f}"
+        )
+    print(f"run folder: {result.run_dir}")
+    return 0

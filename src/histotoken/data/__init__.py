@@ -1,0 +1,1 @@
+"""Data: BreakHis index, patient-disjoint splits, synthetic generator, transforms, datasets."""

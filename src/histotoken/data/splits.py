@@ -1,0 +1,160 @@
+"""Patient-disjoint, subtype-stratified train/val/test splits (and the leaky image-level option).
+
+BreakHis has 82 patients and 7,909 images: a random image-level split puts images of the same
+patient (often near-duplicate fields of view) on both sides and inflates test scores. The default
+here assigns whole patients to one side, across all magnifications, so a test patient's images at
+every magnification are test images. One patient id (14-13412) appears under two subtypes in
+BreakHis: grouping by patient id keeps all its images on one side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+logger = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ["path", "patient_id", "tumor_class", "label", "magnification", "split"]
+IMAGE_SCHEME_WARNING = (
+    "image-level split: images of the same patient land in train and test, so test scores are "
+    "optimistic. Use it only to reproduce published protocols that split this way."
+)
+
+
+def make_split(
+    index: pd.DataFrame,
+    scheme: str = "patient",
+    val: float = 0.15,
+    test: float = 0.15,
+    folds: int | None = None,
+    fold: int = 0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Return the index with a ``split`` column (train/val/test).
+
+    ``scheme="patient"``: whole patients go to one side, stratified by (majority) subtype; each
+    subtype with at least three patients gets at least one in val and one in test. With ``folds=K``
+    the test patients are fold ``fold`` of scikit-learn's StratifiedGroupKFold and val is carved
+    from the remaining patients. ``scheme="image"`` splits images at random (leaks patients; warns).
+    """
+    if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
+        raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) that sum below 1")
+    frame = index.copy()
+    if scheme == "image":
+        logger.warning(IMAGE_SCHEME_WARNING)
+        frame["split"] = _image_split(frame, val, test, seed)
+    elif scheme == "patient":
+        if folds is not None:
+            if folds < 2 or not 0 <= fold < folds:
+                raise ValueError(f"--folds must be >= 2 and --fold in [0, {folds - 1}]; got folds={folds}, fold={fold}")
+            test_patients = _fold_test_patients(frame, folds, fold, seed)
+            rest = _patient_table(frame[~frame["patient_id"].isin(test_patients)])
+            val_patients, _ = _allocate(rest, val / (1 - 1 / folds), 0.0, seed)
+        else:
+            val_patients, test_patients = _allocate(_patient_table(frame), val, test, seed)
+        frame["split"] = "train"
+        frame.loc[frame["patient_id"].isin(val_patients), "split"] = "val"
+        frame.loc[frame["patient_id"].isin(test_patients), "split"] = "test"
+    else:
+        raise ValueError(f"unknown split scheme {scheme!r}; choose 'patient' (default) or 'image'")
+    return frame[SPLIT_COLUMNS].reset_index(drop=True)
+
+
+def _patient_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient with its majority subtype (a patient under two subtypes gets one stratum)."""
+    majority = frame.groupby("patient_id")["tumor_class"].agg(lambda s: s.value_counts().index[0])
+    return majority.rename("stratum").reset_index().sort_values("patient_id").reset_index(drop=True)
+
+
+def _allocate(patients: pd.DataFrame, val: float, test: float, seed: int) -> tuple[set[str], set[str]]:
+    """Per stratum, shuffle patients and take round(n*test) for test and round(n*val) for val."""
+    rng = np.random.default_rng(seed)
+    val_ids: set[str] = set()
+    test_ids: set[str] = set()
+    for _, group in patients.groupby("stratum", sort=True):
+        ids = group["patient_id"].to_numpy()
+        ids = ids[rng.permutation(len(ids))]
+        n = len(ids)
+        n_test = _share(n, test, available=n, keep=2)  # leave one patient for val and one for train
+        n_val = _share(n, val, available=n - n_test, keep=1)
+        test_ids.update(ids[:n_test])
+        val_ids.update(ids[n_test : n_test + n_val])
+    return val_ids, test_ids
+
+
+def _share(n: int, fraction: float, available: int, keep: int) -> int:
+    """Patients of an n-patient stratum for one side: round(n*fraction), at least one when n >= 3."""
+    if fraction <= 0:
+        return 0
+    count = int(math.floor(n * fraction + 0.5))
+    if n >= 3:
+        count = max(count, 1)
+    return max(0, min(count, available - keep))
+
+
+def _fold_test_patients(frame: pd.DataFrame, folds: int, fold: int, seed: int) -> set[str]:
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    patients = _patient_table(frame)
+    if len(patients) < folds:
+        raise ValueError(f"{len(patients)} patients cannot make {folds} folds; use fewer --folds")
+    for index, (_, test_rows) in enumerate(
+        splitter.split(patients, patients["stratum"], groups=patients["patient_id"])
+    ):
+        if index == fold:
+            return set(patients.loc[test_rows, "patient_id"])
+    raise AssertionError("unreachable: fold index checked above")
+
+
+def _image_split(frame: pd.DataFrame, val: float, test: float, seed: int) -> np.ndarray:
+    labels = np.full(len(frame), "train", dtype=object)
+    positions = np.arange(len(frame))
+    strata = frame["tumor_class"].to_numpy()
+    rest, test_pos = train_test_split(positions, test_size=test, random_state=seed, stratify=strata)
+    labels[test_pos] = "test"
+    if val > 0:
+        _, val_pos = train_test_split(
+            rest, test_size=val / (1 - test), random_state=seed, stratify=strata[rest]
+        )
+        labels[val_pos] = "val"
+    return labels
+
+
+def check_patient_disjoint(split: pd.DataFrame) -> None:
+    """Raise ValueError when a patient has images on more than one side."""
+    sides = split.groupby("patient_id")["split"].nunique()
+    leaked = sides[sides > 1].index.tolist()
+    if leaked:
+        raise ValueError(f"patients on more than one side of the split: {leaked[:5]}")
+
+
+def split_summary(split: pd.DataFrame) -> pd.DataFrame:
+    """Patients and images per side and subtype."""
+    images = split.pivot_table(index="tumor_class", columns="split", values="path", aggfunc="count", fill_value=0)
+    patients = split.groupby(["tumor_class", "split"])["patient_id"].nunique().unstack(fill_value=0)
+    return images.add_suffix(" images").join(patients.add_suffix(" patients"))
+
+
+def write_split(split: pd.DataFrame, path: Path) -> Path:
+    from histotoken.io import atomic_write_text
+
+    return atomic_write_text(path, split[SPLIT_COLUMNS].to_csv(index=False))
+
+
+def read_split(path: str | Path) -> pd.DataFrame:
+    """Read a splits CSV and check its columns; a clear error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"splits file {path} does not exist; make one with `histotoken split`")
+    frame = pd.read_csv(path, dtype={"patient_id": str})
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"splits file {path} lacks columns {missing}; make it with `histotoken split`")
+    bad = set(frame["split"]) - {"train", "val", "test"}
+    if bad:
+        raise ValueError(f"splits file {path} has unknown split names {sorted(bad)} (expected train/val/test)")
+    return frame

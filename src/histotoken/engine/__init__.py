@@ -1,0 +1,1 @@
+"""Engine: one LightningModule for every model; fit(), evaluate() and benchmark()."""

@@ -1,0 +1,192 @@
+"""``evaluate_run()``: test metrics of a run's best weights on one domain (RUN_DIR/eval/<domain>.json).
+
+The test images are the run's frozen test patients, at the requested magnification(s), so
+in-domain and cross-domain figures come from the same patients. Metric math comes from
+scikit-learn; the 95% intervals are a percentile bootstrap over test *patients* (images of a
+patient are correlated, so resampling images would understate the uncertainty).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from histotoken.data.breakhis import find_breast_root, is_synthetic
+from histotoken.data.domains import domain_name, select_domain
+from histotoken.data.splits import read_split
+from histotoken.io import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def _headline(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        # Macro over the classes present in truth or prediction (a test set may lack a rare subtype).
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def compute_metrics(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    patient_ids: Sequence[str],
+    class_names: Sequence[str],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Image-level metrics, per-class scores, confusion matrix, patient accuracy and bootstrap CIs."""
+    import warnings
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    patients = np.asarray(patient_ids)
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    correct = pd.Series(y_true == y_pred).groupby(patients).mean()
+    result: dict[str, Any] = {
+        **_headline(y_true, y_pred),
+        # BreakHis patient recognition rate: mean over patients of their fraction of correct images.
+        "patient_accuracy": float(correct.mean()),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "class_names": list(class_names),
+        "n_images": int(len(y_true)),
+        "n_patients": int(len(correct)),
+    }
+    rng = np.random.default_rng(seed)
+    unique = np.unique(patients)
+    rows_of = {patient: np.flatnonzero(patients == patient) for patient in unique}
+    samples = {name: [] for name in HEADLINE_METRICS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resamples that miss a class warn in balanced accuracy
+        for _ in range(n_bootstrap):
+            chosen = rng.choice(unique, size=len(unique), replace=True)
+            rows = np.concatenate([rows_of[p] for p in chosen])
+            for name, value in _headline(y_true[rows], y_pred[rows]).items():
+                samples[name].append(value)
+    result["ci95"] = {
+        name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
+        for name, values in samples.items()
+    }
+    return result
+
+
+def load_best_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's best weights in a freshly built model; clear errors when they do not fit."""
+    from safetensors.torch import load_file
+
+    from histotoken.models.factory import ModelSpec, create_model
+
+    meta_path = run_dir / "checkpoints" / "best.json"
+    weights_path = run_dir / "checkpoints" / "best.safetensors"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no best checkpoint (checkpoints/best.safetensors + best.json); "
+            "train it first with `histotoken train ... --out {run_dir}`"
+        )
+    meta = read_json(meta_path)
+    spec = ModelSpec(meta["model_name"], tuple(sorted(meta.get("model_kwargs", {}).items())))
+    model = create_model(spec, meta["num_classes"], meta["img_size"], merge_r=meta.get("merge_r", 0))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:
+        raise ValueError(f"cannot read {weights_path} ({error}); the file is damaged: retrain the run") from error
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:3]
+        raise ValueError(
+            f"{weights_path} does not fit model {spec.label} with {meta['num_classes']} classes "
+            f"(as {meta_path} says): {' '.join(first)}. Was the file copied from another run? "
+            "Retrain this run or restore its own checkpoint."
+        ) from error
+    model.eval()
+    return model, meta
+
+
+def _rebase_paths(frame: pd.DataFrame, data_root: str | Path) -> pd.DataFrame:
+    """Point the split's image paths at another copy of the data (same layout below ``breast``)."""
+    breast = find_breast_root(data_root)
+    def rebase(path: str) -> str:
+        parts = Path(path).parts
+        if "breast" not in parts:
+            raise ValueError(f"split path {path} is not inside a BreakHis 'breast' folder; cannot move it to {breast}")
+        return str(breast.joinpath(*parts[len(parts) - parts[::-1].index("breast"):]))
+    frame = frame.copy()
+    frame["path"] = frame["path"].map(rebase)
+    return frame
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: torch.Tensor, transform, batch_size: int, precision: str) -> np.ndarray:
+    from histotoken.engine.precision import autocast_context
+
+    predictions = []
+    with autocast_context(precision, "cpu"):
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image) for image in images[start : start + batch_size]])
+            predictions.append(model(batch).float().argmax(dim=1))
+    return torch.cat(predictions).numpy()
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    domain: str,
+    data_root: str | Path | None = None,
+    batch_size: int = 64,
+    n_bootstrap: int = 1000,
+) -> dict[str, Any]:
+    """Evaluate the best weights of ``run_dir`` on the test patients at ``domain``; write eval/<domain>.json."""
+    from histotoken.data.dataset import ImageStore, class_column
+    from histotoken.data.transforms import eval_transform, model_normalisation
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of `histotoken train`")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model, meta = load_best_model(run_dir)
+    split = read_split(run_dir / "splits.csv")
+    test = select_domain(split[split["split"] == "test"], domain, f"the test split of {run_dir / 'splits.csv'}")
+    if data_root is not None:
+        test = _rebase_paths(test, data_root)
+    store = ImageStore.build(test, meta["img_size"])
+    names = meta["class_names"]
+    lookup = {name: i for i, name in enumerate(names)}
+    y_true = store.frame[class_column(meta["task"])].map(lookup).to_numpy()
+    mean, std = model_normalisation(model)
+    y_pred = predict(model, store.images, eval_transform(mean, std), batch_size, meta.get("precision", "32-true"))
+    result = {
+        "domain": domain_name(domain),
+        "task": meta["task"],
+        **compute_metrics(y_true, y_pred, store.frame["patient_id"].astype(str), names, n_bootstrap, seed=config.get("seed", 0)),
+        "synthetic": is_synthetic(Path(store.frame["path"].iloc[0]).parent),
+        "model_name": meta["model_name"],
+        "model_kwargs": meta.get("model_kwargs", {}),
+        "train_domain": meta["train_domain"],
+        "checkpoint": "checkpoints/best.safetensors",
+        "best_epoch": meta.get("epoch"),
+        "skipped_images": [path for path, _ in store.skipped],
+    }
+    atomic_write_json(run_dir / "eval" / f"{domain_name(domain)}.json", result)
+    return result

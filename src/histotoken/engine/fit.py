@@ -1,0 +1,323 @@
+"""``train()``: one run, from configuration to a complete run folder; resumable.
+
+Run folder (see docs/formats.md): config.yaml, environment.json, splits.csv, status.json,
+metrics.csv, checkpoints/{last.ckpt, best.safetensors, best.json}, eval/<train_domain>.json.
+Re-running on the same folder resumes from last.ckpt; a finished run is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+
+from histotoken.config import RunConfig, write_run_config
+from histotoken.data.breakhis import class_names as task_class_names
+from histotoken.data.domains import domain_name, select_domain
+from histotoken.data.splits import make_split, read_split, write_split
+from histotoken.io import atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+
+# Settings that may differ when a run is resumed (they do not change its results).
+RESUMABLE_DIFFERENCES = {"devices", "accelerator", "num_workers"}
+
+
+@dataclasses.dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.csv"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.checkpoints / "best.safetensors"
+
+    @property
+    def best_meta(self) -> Path:
+        return self.checkpoints / "best.json"
+
+    def eval_file(self, domain: str) -> Path:
+        return self.root / "eval" / f"{domain_name(domain)}.json"
+
+    def stage_weights(self, stage: int) -> Path:
+        return self.checkpoints / f"stage{stage}_final.safetensors"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    already_finished: bool
+    best: dict[str, Any]
+    evaluation: dict[str, Any] | None
+
+
+def read_status(paths: RunPaths) -> dict[str, Any]:
+    if paths.status.is_file():
+        return read_json(paths.status)
+    return {"state": "new", "error": None, "stages_done": []}
+
+
+def write_status(paths: RunPaths, **changes: Any) -> dict[str, Any]:
+    status = {**read_status(paths), **changes}
+    atomic_write_json(paths.status, status)
+    return status
+
+
+def check_same_config(paths: RunPaths, config: RunConfig) -> None:
+    """A run folder belongs to one configuration; refuse to mix two in one folder."""
+    if not paths.config.is_file():
+        return
+    old = yaml.safe_load(paths.config.read_text()) or {}
+    new = config.to_dict()
+    changed = [k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k) != new[k]]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed[:4])
+        raise ValueError(
+            f"{paths.root} already holds a run with another configuration ({details}). "
+            "Choose a new --out folder, or delete the old one to start over."
+        )
+
+
+def prepare_split(config: RunConfig, paths: RunPaths) -> pd.DataFrame:
+    """The run's frozen split: reuse RUN_DIR/splits.csv, else copy --splits, else make one."""
+    if paths.splits.is_file():
+        return read_split(paths.splits)
+    if config.splits:
+        split = read_split(config.splits)
+    else:
+        from histotoken.data.index import load_index
+
+        index = load_index(config.data).frame
+        split = make_split(
+            index, config.split_scheme, config.val_fraction, config.test_fraction,
+            config.folds, config.fold, config.seed,
+        )
+    write_split(split, paths.splits)
+    return split
+
+
+def stage_plan(config: RunConfig, num_stages: int) -> list[int]:
+    """Epochs per training stage."""
+    if config.stage_epochs is not None:
+        if len(config.stage_epochs) != num_stages:
+            raise ValueError(
+                f"stage_epochs {list(config.stage_epochs)} gives {len(config.stage_epochs)} stages, "
+                f"but model {config.model} trains in {num_stages}; give {num_stages} numbers, e.g. --stages 3,12"
+            )
+        return list(config.stage_epochs)
+    if num_stages == 1:
+        return [config.epochs]
+    first = max(1, config.epochs // 4)  # stage 1 (e.g. the token scorer) needs fewer epochs
+    rest = max(1, config.epochs - first * (num_stages - 1))
+    return [first] * (num_stages - 1) + [rest]
+
+
+def train(config: RunConfig, run_dir: str | Path, progress_bar: bool | None = None) -> TrainResult:
+    """Train one model and evaluate it in-domain; resumable and idempotent."""
+    import lightning as L
+
+    from histotoken.engine.environment import describe_environment
+
+    paths = RunPaths(Path(run_dir))
+    if config.data:
+        config = dataclasses.replace(config, data=str(Path(config.data).expanduser().resolve()))
+    if config.splits:
+        config = dataclasses.replace(config, splits=str(Path(config.splits).expanduser().resolve()))
+    check_same_config(paths, config)
+    status = read_status(paths)
+    if status["state"] == "finished":
+        logger.info("%s is a finished run; nothing to do (delete it to train again)", paths.root)
+        best = read_json(paths.best_meta) if paths.best_meta.is_file() else {}
+        return TrainResult(paths.root, True, best, None)
+    if not config.data and not config.splits:
+        raise ValueError("no data: give --data DATA_ROOT (the folder that holds BreaKHis_v1) or --splits FILE")
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_run_config(config, paths.config)
+    atomic_write_json(paths.environment, describe_environment(config.seed))
+    write_status(paths, state="running", error=None)
+    try:
+        result = _train(config, paths, L, progress_bar)
+    except BaseException as error:
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        write_status(paths, state=state, error=f"{type(error).__name__}: {error}")
+        raise
+    write_status(paths, state="finished", error=None, best_epoch=result.best.get("epoch"))
+    return result
+
+
+def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None) -> TrainResult:
+    from histotoken.data.dataset import ImageStore, class_column
+    from histotoken.data.transforms import model_normalisation
+    from histotoken.engine.precision import resolve_precision
+    from histotoken.models.factory import create_model, parse_model_spec
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    split = prepare_split(config, paths)
+    names = task_class_names(config.task)
+    spec = parse_model_spec(config.model)
+    model = create_model(
+        spec, len(names), config.img_size, config.pretrained, config.weights, config.merge_r
+    )
+    mean, std = model_normalisation(model)
+    domain = domain_name(config.train_domain)
+    frames = {
+        side: select_domain(split[split["split"] == side], domain, f"the {side} split of {paths.splits}")
+        for side in ("train", "val")
+    }
+    stores = {side: ImageStore.build(frame, config.img_size) for side, frame in frames.items()}
+    skipped = [s for store in stores.values() for s in store.skipped]
+    if skipped:
+        atomic_write_text(paths.root / "skipped_images.csv", pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(index=False))
+        logger.warning("%d images could not be read and were left out; see %s", len(skipped), paths.root / "skipped_images.csv")
+
+    column = class_column(config.task)
+    loaders = _make_loaders(config, stores, names, column, mean, std)
+    class_weights = _class_weights(stores["train"], names, column) if config.balancing == "class_weights" else None
+    accelerator = "gpu" if config.accelerator == "auto" and torch.cuda.is_available() else config.accelerator
+    accelerator = "cpu" if accelerator == "auto" else accelerator
+    precision = resolve_precision(config.precision, accelerator, config.img_size)
+    metadata = {
+        "model_name": spec.name, "model_kwargs": spec.kwargs_dict, "num_classes": len(names),
+        "class_names": list(names), "task": config.task, "img_size": config.img_size,
+        "train_domain": domain, "merge_r": config.merge_r, "precision": precision,
+    }
+    num_stages = int(getattr(model, "num_stages", 1))
+    plan = stage_plan(config, num_stages)
+    status = read_status(paths)
+    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+
+    for stage, epochs in enumerate(plan, start=1):
+        if stage in status.get("stages_done", []):
+            if stage < num_stages:
+                _load_safetensors(model, paths.stage_weights(stage))
+            continue
+        if hasattr(model, "set_stage"):
+            model.set_stage(stage)
+        final_stage = stage == num_stages
+        trainer = _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar)
+        from histotoken.engine.module import ClassifierModule
+
+        module = ClassifierModule(
+            model, names, config.lr, config.weight_decay, config.warmup_epochs, epochs,
+            class_weights, config.label_smoothing, stage,
+        )
+        ckpt_path = str(paths.last_ckpt) if paths.last_ckpt.is_file() else None
+        if ckpt_path:
+            logger.info("resuming stage %d from %s", stage, ckpt_path)
+        logger.info(
+            "training %s (%s, train domain %s) stage %d/%d: up to %d epochs on %d images, precision %s",
+            spec.label, config.task, domain, stage, num_stages, epochs, len(stores["train"].frame), precision,
+        )
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=ckpt_path)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        if not final_stage:
+            from histotoken.engine.callbacks import save_weights
+
+            save_weights(model, paths.stage_weights(stage))
+            paths.last_ckpt.unlink(missing_ok=True)  # last.ckpt always belongs to the unfinished stage
+        status = write_status(paths, stages_done=sorted({*status.get("stages_done", []), stage}))
+
+    best = read_json(paths.best_meta)
+    from histotoken.engine.evaluate import evaluate_run
+
+    evaluation = evaluate_run(paths.root, domain)
+    return TrainResult(paths.root, False, best, evaluation)
+
+
+def _make_loaders(config, stores, names, column, mean, std):
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from histotoken.data.dataset import ImageDataset
+    from histotoken.data.transforms import eval_transform, train_transform
+
+    train_set = ImageDataset(stores["train"], names, column, train_transform(config.img_size, mean, std))
+    val_set = ImageDataset(stores["val"], names, column, eval_transform(mean, std))
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if config.balancing == "sampler":
+        counts = torch.bincount(train_set.targets, minlength=len(names)).clamp(min=1)
+        sampler = WeightedRandomSampler(1.0 / counts[train_set.targets], len(train_set), generator=generator)
+    common = {"batch_size": config.batch_size, "num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
+    return {
+        "train": DataLoader(
+            train_set, shuffle=sampler is None, sampler=sampler, generator=generator,
+            drop_last=len(train_set) > config.batch_size, **common,
+        ),
+        "val": DataLoader(val_set, shuffle=False, **common),
+    }
+
+
+def _class_weights(store, names, column) -> torch.Tensor:
+    """Inverse-frequency class weights (mean 1 over present classes) for an imbalanced training set."""
+    counts = store.frame[column].value_counts().reindex(names, fill_value=0).to_numpy()
+    weights = torch.tensor([len(store.frame) / (len(names) * c) if c else 0.0 for c in counts], dtype=torch.float32)
+    return weights
+
+
+def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter
+
+    callbacks = [
+        ModelCheckpoint(dirpath=paths.checkpoints, filename="last", save_top_k=1, monitor=None, enable_version_counter=False),
+        EpochMetricsWriter(paths.metrics, stage),
+    ]
+    if final_stage:
+        callbacks.append(BestWeightsSaver(paths.checkpoints, metadata, stage))
+        callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=config.early_stopping_patience))
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=config.devices,
+        precision=precision,
+        gradient_clip_val=config.grad_clip or None,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=paths.root,
+        enable_progress_bar=show_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic="warn",
+    )
+
+
+def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))

@@ -1,0 +1,1 @@
+"""Pure nn.Modules and tensor functions for token reduction (no Lightning, no histotoken imports)."""
