@@ -42,8 +42,8 @@ class EpochMetricsWriter(Checkpoint):
         self.path, self.stage = path, stage
         self._epoch_start = 0.0
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A resumed stage drops rows from epochs it will run again.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs after a checkpoint was restored: a resumed stage drops rows of epochs it runs again.
         if self.path.is_file():
             frame = pd.read_csv(self.path)
             keep = (frame["stage"] < self.stage) | (

@@ -1,9 +1,10 @@
 """``evaluate_run()``: test metrics of a run's best weights on one domain (RUN_DIR/eval/<domain>.json).
 
 The test images are the run's frozen test patients, at the requested magnification(s), so
-in-domain and cross-domain figures come from the same patients. Metric math comes from
-scikit-learn; the 95% intervals are a percentile bootstrap over test *patients* (images of a
-patient are correlated, so resampling images would understate the uncertainty).
+in-domain and cross-domain figures come from the same patients. Headline metrics come from
+torchmetrics (vectorised over bootstrap resamples), per-class scores and the confusion matrix
+from scikit-learn; the 95% intervals are a percentile bootstrap over test *patients* (images
+of a patient are correlated, so resampling images would understate the uncertainty).
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_f1_score,
+    multiclass_recall,
 )
 
 from histotoken.data.breakhis import find_breast_root, is_synthetic
@@ -34,12 +34,18 @@ logger = logging.getLogger(__name__)
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def _headline(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+def headline_metrics(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Accuracy, balanced accuracy and macro-F1 for each row of (R, n) label tensors (torchmetrics).
+
+    Entries equal to -1 are padding and ignored, so rows may hold different numbers of images.
+    Macro averages run over the classes present in a row's labels or predictions; balanced
+    accuracy is the macro-averaged recall.
+    """
+    options = {"num_classes": num_classes, "multidim_average": "samplewise", "ignore_index": -1}
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        # Macro over the classes present in truth or prediction (a test set may lack a rare subtype).
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": multiclass_accuracy(y_pred, y_true, average="micro", **options),
+        "balanced_accuracy": multiclass_recall(y_pred, y_true, average="macro", **options),
+        "macro_f1": multiclass_f1_score(y_pred, y_true, average="macro", **options),
     }
 
 
@@ -52,17 +58,16 @@ def compute_metrics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Image-level metrics, per-class scores, confusion matrix, patient accuracy and bootstrap CIs."""
-    import warnings
-
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    y_true, y_pred = np.array(y_true, dtype=np.int64), np.array(y_pred, dtype=np.int64)
     patients = np.asarray(patient_ids)
     labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
     correct = pd.Series(y_true == y_pred).groupby(patients).mean()
+    point = headline_metrics(torch.as_tensor(y_true)[None], torch.as_tensor(y_pred)[None], len(labels))
     result: dict[str, Any] = {
-        **_headline(y_true, y_pred),
+        **{name: float(value[0]) for name, value in point.items()},
         # BreakHis patient recognition rate: mean over patients of their fraction of correct images.
         "patient_accuracy": float(correct.mean()),
         "per_class": {
@@ -73,23 +78,34 @@ def compute_metrics(
         "class_names": list(class_names),
         "n_images": int(len(y_true)),
         "n_patients": int(len(correct)),
-    }
-    rng = np.random.default_rng(seed)
-    unique = np.unique(patients)
-    rows_of = {patient: np.flatnonzero(patients == patient) for patient in unique}
-    samples = {name: [] for name in HEADLINE_METRICS}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # resamples that miss a class warn in balanced accuracy
-        for _ in range(n_bootstrap):
-            chosen = rng.choice(unique, size=len(unique), replace=True)
-            rows = np.concatenate([rows_of[p] for p in chosen])
-            for name, value in _headline(y_true[rows], y_pred[rows]).items():
-                samples[name].append(value)
-    result["ci95"] = {
-        name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
-        for name, values in samples.items()
+        "ci95": bootstrap_ci(y_true, y_pred, patients, len(labels), n_bootstrap, seed),
     }
     return result
+
+
+def bootstrap_ci(
+    y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, num_classes: int, n_bootstrap: int, seed: int
+) -> dict[str, list[float] | None]:
+    """95% percentile intervals from resampling whole patients with replacement."""
+    if n_bootstrap <= 0:
+        return {name: None for name in HEADLINE_METRICS}
+    rng = np.random.default_rng(seed)
+    unique = np.unique(patients)
+    rows_of = [np.flatnonzero(patients == patient) for patient in unique]
+    samples = [np.concatenate([rows_of[i] for i in rng.integers(0, len(unique), len(unique))]) for _ in range(n_bootstrap)]
+    width = max(len(rows) for rows in samples)
+    index = np.full((n_bootstrap, width), -1)
+    for row, rows in enumerate(samples):
+        index[row, : len(rows)] = rows
+    # (R, width) resampled labels, -1 where a resample holds fewer images
+    pad = index < 0
+    truth = torch.as_tensor(np.where(pad, -1, y_true[index]))
+    predicted = torch.as_tensor(np.where(pad, 0, y_pred[index]))
+    values = headline_metrics(truth, predicted, num_classes)
+    return {
+        name: [float(np.percentile(v.numpy(), 2.5)), float(np.percentile(v.numpy(), 97.5))]
+        for name, v in values.items()
+    }
 
 
 def load_best_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -145,8 +145,16 @@ def stage_plan(config: RunConfig, num_stages: int) -> list[int]:
     return [first] * (num_stages - 1) + [rest]
 
 
-def train(config: RunConfig, run_dir: str | Path, progress_bar: bool | None = None) -> TrainResult:
-    """Train one model and evaluate it in-domain; resumable and idempotent."""
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress_bar: bool | None = None,
+    extra_callbacks: list | None = None,
+) -> TrainResult:
+    """Train one model and evaluate it in-domain; resumable and idempotent.
+
+    ``extra_callbacks`` are Lightning callbacks added to every stage's Trainer (e.g. a logger).
+    """
     import lightning as L
 
     from histotoken.engine.environment import describe_environment
@@ -170,7 +178,7 @@ def train(config: RunConfig, run_dir: str | Path, progress_bar: bool | None = No
     atomic_write_json(paths.environment, describe_environment(config.seed))
     write_status(paths, state="running", error=None)
     try:
-        result = _train(config, paths, L, progress_bar)
+        result = _train(config, paths, L, progress_bar, extra_callbacks or [])
     except BaseException as error:
         state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         write_status(paths, state=state, error=f"{type(error).__name__}: {error}")
@@ -179,7 +187,7 @@ def train(config: RunConfig, run_dir: str | Path, progress_bar: bool | None = No
     return result
 
 
-def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None) -> TrainResult:
+def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, extra_callbacks: list) -> TrainResult:
     from histotoken.data.dataset import ImageStore, class_column
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.precision import resolve_precision
@@ -228,7 +236,9 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None) -> 
         if hasattr(model, "set_stage"):
             model.set_stage(stage)
         final_stage = stage == num_stages
-        trainer = _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar)
+        trainer = _make_trainer(
+            config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar, extra_callbacks
+        )
         from histotoken.engine.module import ClassifierModule
 
         module = ClassifierModule(
@@ -289,7 +299,7 @@ def _class_weights(store, names, column) -> torch.Tensor:
     return weights
 
 
-def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar):
+def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar, extra_callbacks):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter
@@ -297,6 +307,7 @@ def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accele
     callbacks = [
         ModelCheckpoint(dirpath=paths.checkpoints, filename="last", save_top_k=1, monitor=None, enable_version_counter=False),
         EpochMetricsWriter(paths.metrics, stage),
+        *extra_callbacks,
     ]
     if final_stage:
         callbacks.append(BestWeightsSaver(paths.checkpoints, metadata, stage))

@@ -69,7 +69,9 @@ def check_model_name(name: str) -> None:
     import histotoken.models  # noqa: F401  (registers our families)
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise ValueError(
             f"unknown model {name!r}: not a timm model name.{hint} "
@@ -163,13 +165,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for key in skipped:
         state.pop(key)
-    result = model.load_state_dict(state, strict=False)
-    matched = len(own) - len(result.missing_keys)
+    matched = sum(1 for key in state if key in own)
     if matched == 0:
         raise ValueError(
             f"weights file {path} matches none of the parameters of this model; "
             "was it saved from a different architecture?"
         )
+    result = model.load_state_dict(state, strict=False)
     if skipped:
         logger.warning("%s: skipped %d tensors of another shape (e.g. classifier): %s", path, len(skipped), skipped[:4])
     if result.missing_keys:

@@ -1,0 +1,177 @@
+"""Study specification (YAML) and its expansion into runs.
+
+A spec names the data, tasks, models (timm names with kwargs), train and test domains, seeds
+or folds, the shared training protocol and the efficiency-benchmark settings::
+
+    name: magnification_study
+    data: /data/BreaKHis            # or --data on the command line
+    tasks: [subtype]
+    models:
+      - deit_small_patch16_224
+      - {name: cnnprune_vit_small, kwargs: {keep_ratio: 0.5}}
+      - deit_small_patch16_224:merge_r=13
+    train_domains: ["100", "400", "100+400"]
+    test_domains: ["100", "400", "100+400"]
+    seeds: [0]                      # or  folds: 5
+    split: {scheme: patient, val: 0.15, test: 0.15}
+    protocol: {img_size: 224, epochs: 100, batch_size: 32, pretrained: true}
+    efficiency: {batch_size: 32, rounds: 5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histotoken.config import RunConfig, merge_config, read_yaml
+from histotoken.data.domains import domain_name
+from histotoken.models.factory import ModelSpec, parse_model_spec
+
+SPEC_KEYS = {
+    "name", "description", "data", "tasks", "models", "train_domains", "test_domains",
+    "seeds", "folds", "split", "protocol", "efficiency",
+    "synthetic",  # used by `histotoken demo` to make its data set; ignored by `grid`
+}
+# Protocol keys the grid sets itself, per run.
+PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    name: str
+    data: str
+    tasks: tuple[str, ...]
+    models: tuple[ModelSpec, ...]
+    train_domains: tuple[str, ...]
+    test_domains: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    folds: int | None = None
+    split: dict[str, Any] = dataclasses.field(default_factory=dict)
+    protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
+    efficiency: dict[str, Any] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "data": self.data,
+            "tasks": list(self.tasks),
+            "models": [m.to_dict() for m in self.models],
+            "train_domains": list(self.train_domains),
+            "test_domains": list(self.test_domains),
+            "seeds": list(self.seeds),
+            "folds": self.folds,
+            "split": dict(self.split),
+            "protocol": dict(self.protocol),
+            "efficiency": dict(self.efficiency),
+        }
+
+    def base_config(self) -> RunConfig:
+        """The shared protocol as a RunConfig (per-run fields are filled in by ``expand``)."""
+        split = {"scheme": "split_scheme", "val": "val_fraction", "test": "test_fraction"}
+        values = {split[k]: v for k, v in self.split.items()}
+        return merge_config(RunConfig, RunConfig(), {**self.protocol, **values}, "study protocol")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    model: ModelSpec
+    task: str
+    train_domain: str
+    seed: int
+    fold: int | None
+    split_name: str  # seed<N> or fold<I>
+
+    def config(self, spec: StudySpec, splits_csv: Path) -> RunConfig:
+        return dataclasses.replace(
+            spec.base_config(),
+            data=spec.data,
+            model=_model_text(self.model),
+            task=self.task,
+            train_domain=self.train_domain,
+            splits=str(splits_csv),
+            seed=self.seed,
+        )
+
+
+def _model_text(model: ModelSpec) -> str:
+    if not model.kwargs:
+        return model.name
+    return model.name + ":" + ",".join(f"{k}={v}" for k, v in model.kwargs)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+def load_spec(path: str | Path, data: str | None = None) -> StudySpec:
+    """Read and check a study file; ``data`` (from --data) overrides the file's data root."""
+    raw = read_yaml(path)
+    return spec_from_dict(raw, str(path), data)
+
+
+def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) -> StudySpec:
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; known: {', '.join(sorted(SPEC_KEYS))}")
+    for key in ("models", "train_domains"):
+        if not raw.get(key):
+            raise ValueError(f"{source}: '{key}' must list at least one entry")
+    data_root = data or raw.get("data")
+    if not data_root:
+        raise ValueError(f"{source}: no data root; set 'data:' in the file or pass --data DATA_ROOT")
+    protocol = dict(raw.get("protocol") or {})
+    clash = sorted(set(protocol) & PER_RUN_KEYS)
+    if clash:
+        raise ValueError(f"{source}: protocol must not set {clash}; the grid sets them per run")
+    tasks = tuple(raw.get("tasks") or ["subtype"])
+    train_domains = tuple(domain_name(str(d)) for d in raw["train_domains"])
+    test_domains = tuple(domain_name(str(d)) for d in (raw.get("test_domains") or raw["train_domains"]))
+    seeds = tuple(int(s) for s in (raw.get("seeds") or [0]))
+    spec = StudySpec(
+        name=str(raw.get("name") or Path(source).stem),
+        description=str(raw.get("description") or ""),
+        data=str(Path(data_root).expanduser().resolve()),
+        tasks=tasks,
+        models=tuple(parse_model_spec(m) for m in raw["models"]),
+        train_domains=train_domains,
+        test_domains=test_domains,
+        seeds=seeds,
+        folds=raw.get("folds"),
+        split=dict(raw.get("split") or {}),
+        protocol=protocol,
+        efficiency=dict(raw.get("efficiency") or {}),
+    )
+    spec.base_config()  # validates protocol values and task names early, naming the file
+    for task in tasks:
+        merge_config(RunConfig, RunConfig(), {"task": task}, source)
+    labels = [m.label for m in spec.models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{source}: a model is listed twice: {labels}")
+    return spec
+
+
+def expand(spec: StudySpec) -> list[PlannedRun]:
+    """Every (model, task, train domain, seed or fold) combination, in a stable order."""
+    if spec.folds:
+        partitions = [(spec.seeds[0], fold, f"fold{fold}") for fold in range(int(spec.folds))]
+    else:
+        partitions = [(seed, None, f"seed{seed}") for seed in spec.seeds]
+    runs = []
+    for seed, fold, split_name in partitions:
+        for task in spec.tasks:
+            for model in spec.models:
+                for domain in spec.train_domains:
+                    run_id = safe_name(f"{model.label}__{task}__train{domain}__{split_name}")
+                    runs.append(PlannedRun(run_id, model, task, domain, seed, fold, split_name))
+    return runs
+
+
+def dump_spec(spec: StudySpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
