@@ -1,0 +1,38 @@
+"""``histotoken report STUDY_DIR``: rebuild report.html, report.md and figures/ from a study's files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from histotoken.cli.common import add_command
+
+DESCRIPTION = """\
+Rebuild a study's report from its files alone (nothing is re-run): a self-contained
+report.html (figures and styles inline; opens offline), report.md with the same tables,
+and the figures as PNG in figures/ beside it.
+
+Example:
+  histotoken grid configs/demo.yaml --out study
+  histotoken report study                      # -> study/report.html
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = add_command(subparsers, "report", "rebuild report.html from a study folder", DESCRIPTION)
+    parser.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="folder written by `histotoken grid`")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where to write the HTML report (default: STUDY_DIR/report.html); "
+             "report.md and figures/ go beside it",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from histotoken.reporting import build_report
+
+    out = build_report(args.study_dir, out=args.out)
+    print(f"report: {out}")
+    print(f"markdown: {out.with_suffix('.md')}  figures: {out.parent / 'figures'}")
+    return 0

@@ -1,0 +1,317 @@
+"""`histotoken report`: report.html / report.md / figures rebuilt from a study folder's files."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histotoken.reporting import build_report, pareto_front, plots, tables
+from study_fixture import DOMAINS, FAILED_RUN, MODELS, TWO_STAGE_RUN, run_id_of, write_study
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SECTION_HEADINGS = [
+    "What was run",
+    "In-domain performance and cost",
+    "Cross-magnification generalisation",
+    "Accuracy versus cost",
+    "Per-run details",
+    "Dataset preview",
+    "Failed runs",
+]
+BANNER = "Every number in this report comes from procedurally generated images"
+
+
+def markdown_table_after(markdown: str, heading: str) -> pd.DataFrame:
+    """The first Markdown table after the line ``heading``, as text cells."""
+    lines = markdown.splitlines()
+    start = lines.index(heading)
+    rows: list[list[str]] = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+        elif rows:
+            break
+    header, _separator, *body = rows
+    return pd.DataFrame(body, columns=header)
+
+
+def small_study(root: Path, **overrides) -> Path:
+    """One model, one domain: the cheapest study that still has every file."""
+    options = dict(models=MODELS[:1], train_domains=("100",), test_domains=("100",), failed_run=None)
+    options.update(overrides)
+    return write_study(root, **options)
+
+
+@pytest.fixture(scope="module")
+def full_study(tmp_path_factory) -> tuple[Path, str, str]:
+    study = write_study(tmp_path_factory.mktemp("full"))
+    html_path = build_report(study)
+    return study, html_path.read_text(encoding="utf-8"), (study / "report.md").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the full report
+
+
+def test_report_html_is_self_contained(full_study):
+    study, html, _ = full_study
+    assert (study / "report.html").is_file()
+    assert 'src="http' not in html and "<script" not in html and "<link" not in html
+    assert not re.search(r'(href|src)="(https?:)?//', html)
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert len(sources) == len(list((study / "figures").glob("*.png")))
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1])[:8] == PNG_SIGNATURE
+
+
+def test_report_has_every_section_and_a_how_to_read_line_per_figure(full_study):
+    _, html, markdown = full_study
+    for heading in SECTION_HEADINGS:
+        assert f"<h2>{heading}</h2>" in html
+        assert f"\n## {heading}\n" in markdown
+    assert html.count("How to read this:") == html.count("<img ")
+    assert markdown.count("*How to read this:*") == markdown.count("![")
+
+
+def test_figures_are_png_files_referenced_by_the_markdown(full_study):
+    study, _, markdown = full_study
+    referenced = re.findall(r"\]\(figures/([^)]+)\)", markdown)
+    written = sorted(path.name for path in (study / "figures").glob("*.png"))
+    assert sorted(referenced) == written
+    for name in written:
+        assert (study / "figures" / name).read_bytes()[:8] == PNG_SIGNATURE
+    finished_runs = len(MODELS) * len(DOMAINS) - 1
+    assert len([name for name in written if name.endswith("_confusion.png")]) == finished_runs
+    assert len([name for name in written if name.endswith("_curves.png")]) == finished_runs
+    for expected in ("cross_domain_heatmap_subtype.png", "in_vs_cross_domain_subtype.png",
+                     "f1_vs_throughput_img_s_subtype.png", "f1_vs_gflops_subtype.png", "dataset_preview.png"):
+        assert expected in written
+
+
+@pytest.mark.parametrize("model", [label for label, *_ in MODELS])
+def test_cross_domain_matrix_in_markdown_equals_results_csv(full_study, model):
+    study, _, markdown = full_study
+    results = pd.read_csv(study / "results.csv", dtype={"train_domain": str, "test_domain": str})
+    f1 = results[(results["model"] == model) & (results["metric"] == "macro_f1")]
+    expected = f1.set_index(["train_domain", "test_domain"])["value"]
+    # The fixture's shift is asymmetric, so a transposed matrix cannot pass.
+    assert abs(expected[("100", "400")] - expected[("400", "100")]) > 0.01
+
+    table = markdown_table_after(markdown, f"### Macro-F1 matrix: {model}")
+    assert list(table.columns) == ["trained on"] + [f"tested on {d}" for d in DOMAINS]
+    trained = {train for train, _ in expected.index}
+    assert list(table["trained on"]) == [d for d in DOMAINS if d in trained]
+    for _, row in table.iterrows():
+        for test_domain in DOMAINS:
+            shown = float(row[f"tested on {test_domain}"])
+            assert shown == pytest.approx(expected[(row["trained on"], test_domain)], abs=5e-4)
+
+
+def test_headline_table_shows_in_domain_metrics_with_intervals_and_efficiency(full_study):
+    study, _, markdown = full_study
+    results = pd.read_csv(study / "results.csv", dtype={"train_domain": str, "test_domain": str})
+    table = markdown_table_after(markdown, "## In-domain performance and cost")
+    assert len(table) == len(MODELS) * len(DOMAINS) - 1  # every finished run once, in-domain only
+    row = table[(table["model"] == "deit_small_patch16_224") & (table["train = test"] == "400")].iloc[0]
+    cell = results[(results["model"] == "deit_small_patch16_224") & (results["train_domain"] == "400")
+                   & (results["test_domain"] == "400") & (results["metric"] == "macro_f1")].iloc[0]
+    assert row["macro-F1"] == f"{cell.value:.2f} [{cell.ci_low:.2f}, {cell.ci_high:.2f}]"
+    assert re.fullmatch(r"\d\.\d\d", row["patient-level accuracy"])  # no interval in the files
+    efficiency = pd.read_csv(study / "efficiency.csv").set_index("model")
+    assert float(row["throughput (img/s)"]) == efficiency.at["deit_small_patch16_224", "throughput_img_s"]
+    assert row["tokens at head"] == "197"
+    resnet = table[table["model"] == "resnet18"].iloc[0]
+    assert resnet["tokens at head"] == "—"
+
+
+def test_asymmetry_and_mixed_training_tables_pair_the_right_cells(full_study):
+    study, _, markdown = full_study
+    results = pd.read_csv(study / "results.csv", dtype={"train_domain": str, "test_domain": str})
+    f1 = results[results["metric"] == "macro_f1"].set_index(["model", "train_domain", "test_domain"])["value"]
+    asymmetry = markdown_table_after(markdown, "### Directional asymmetry").set_index("model")
+    assert float(asymmetry.at["resnet18", "F1 low -> high"]) == pytest.approx(f1[("resnet18", "100", "400")], abs=5e-4)
+    assert float(asymmetry.at["resnet18", "F1 high -> low"]) == pytest.approx(f1[("resnet18", "400", "100")], abs=5e-4)
+
+    mixed = markdown_table_after(markdown, "### Training on mixed magnifications")
+    failed_model = FAILED_RUN[0]
+    assert failed_model not in set(mixed["model"])  # its mixed run failed
+    row = mixed[(mixed["model"] == "resnet18") & (mixed["test domain"] == "400")].iloc[0]
+    assert float(row["F1 mixed"]) == pytest.approx(f1[("resnet18", "100+400", "400")], abs=5e-4)
+    assert float(row["F1 train 400"]) == pytest.approx(f1[("resnet18", "400", "400")], abs=5e-4)
+    best_single = max(f1[("resnet18", "100", "400")], f1[("resnet18", "400", "400")])
+    assert float(row["mixed - best single"]) == pytest.approx(f1[("resnet18", "100+400", "400")] - best_single, abs=1e-3)
+
+
+def test_failed_run_is_listed_with_its_error_and_left_out_of_per_run_figures(full_study):
+    study, html, markdown = full_study
+    failed_id = run_id_of(*FAILED_RUN)
+    failed = markdown_table_after(markdown, "## Failed runs")
+    assert list(failed["run_id"]) == [failed_id]
+    assert "loss is NaN" in failed["error"].iloc[0]
+    assert f"{failed_id}: " not in markdown.split("## Per-run details")[1].split("## Dataset preview")[0]
+
+
+def test_two_stage_run_curves_mark_the_stage_boundary():
+    metrics = pd.DataFrame({
+        "stage": ["head", "full", "full"], "epoch": [0, 1, 2],
+        "train/loss": [2.0, 1.5, 1.0], "val/loss": [2.1, 1.6, 1.2], "val/macro_f1": [0.3, 0.5, 0.6],
+    })
+    figure = plots.training_curves_figure(metrics, "two stages")
+    for ax in figure.axes[:2]:
+        vertical = [line.get_xdata()[0] for line in ax.get_lines() if len(set(line.get_xdata())) == 1
+                    and len(line.get_xdata()) == 2]
+        assert vertical == [1.5]  # between epoch 1 (head) and epoch 2 (full)
+    single = plots.training_curves_figure(metrics.assign(stage="train"), "one stage")
+    assert not any(len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2
+                   for ax in single.axes for line in ax.get_lines())
+
+
+# ----------------------------------------------------------------------------- table functions
+
+
+def test_pareto_front_keeps_only_undominated_models():
+    table = pd.DataFrame({
+        "model": ["a", "b", "c", "d", "e", "f"],
+        "macro_f1": [0.90, 0.80, 0.70, 0.85, 0.85, 0.95],
+        "throughput_img_s": [10.0, 50.0, 40.0, 50.0, 50.0, np.nan],
+        "gflops": [4.0, 1.0, 0.5, 2.0, 2.0, 0.1],
+    })
+    # b is dominated by d (same speed, more accurate); c by b; d and e tie, so neither dominates;
+    # f has no throughput, so it is not on the throughput front and dominates nobody there.
+    front = pareto_front(table, maximize=["macro_f1", "throughput_img_s"])
+    assert list(table["model"][front]) == ["a", "d", "e"]
+    # Cheaper is better for GFLOPs: f (most accurate and cheapest) dominates everyone.
+    front = pareto_front(table, maximize=["macro_f1"], minimize=["gflops"])
+    assert list(table["model"][front]) == ["f"]
+    assert front.index.equals(table.index)
+
+
+def test_cross_domain_matrix_rows_are_train_and_columns_test_domains():
+    results = pd.DataFrame({
+        "run_id": ["r1", "r1", "r2", "r2", "r1b"], "model": ["m"] * 5, "task": ["subtype"] * 5,
+        "train_domain": ["100", "100", "400", "400", "100"], "test_domain": ["100", "400", "100", "400", "400"],
+        "seed": ["0", "0", "0", "0", "1"], "metric": ["macro_f1"] * 5,
+        "value": [0.9, 0.5, 0.6, 0.8, 0.7], "ci_low": [np.nan] * 5, "ci_high": [np.nan] * 5,
+    })
+    matrix = tables.cross_domain_matrix(tables.mean_over_seeds(results), "m", "subtype")
+    assert list(matrix.index) == ["100", "400"] and list(matrix.columns) == ["100", "400"]
+    assert matrix.at["100", "400"] == pytest.approx(0.6)  # mean of seeds 0 and 1 for 100 -> 400
+    assert matrix.at["400", "100"] == pytest.approx(0.6)
+    assert matrix.at["400", "400"] == pytest.approx(0.8)
+
+
+def test_domains_sort_by_magnification_then_mixed():
+    assert tables.sort_domains(["400", "all", "100+400", "40", "100", "200"]) == [
+        "40", "100", "200", "400", "100+400", "all"
+    ]
+
+
+# ----------------------------------------------------------------------------- degraded studies
+
+
+@pytest.mark.parametrize("synthetic", [True, False])
+def test_synthetic_banner_appears_iff_dataset_json_says_synthetic(tmp_path, synthetic):
+    study = small_study(tmp_path, synthetic=synthetic)
+    html = build_report(study).read_text(encoding="utf-8")
+    markdown = (study / "report.md").read_text(encoding="utf-8")
+    assert (BANNER in html) is synthetic
+    assert (BANNER in markdown) is synthetic
+    assert ("Kind: synthetic" in markdown) is synthetic
+
+
+def test_missing_efficiency_csv_gives_a_note_not_a_crash(tmp_path):
+    study = small_study(tmp_path, models=MODELS[:2], with_efficiency=False)
+    build_report(study)
+    markdown = (study / "report.md").read_text(encoding="utf-8")
+    in_domain = markdown.split("## In-domain performance and cost")[1].split("## Cross-magnification")[0]
+    cost = markdown.split("## Accuracy versus cost")[1].split("## Per-run details")[0]
+    assert "efficiency.csv is missing" in in_domain and "efficiency.csv is missing" in cost
+    assert "throughput" not in markdown_table_after(markdown, "## In-domain performance and cost").columns
+    assert not list((study / "figures").glob("f1_vs_*.png"))
+
+
+def test_single_model_single_domain_study_renders_with_notes(tmp_path):
+    study = small_study(tmp_path)
+    build_report(study)
+    markdown = (study / "report.md").read_text(encoding="utf-8")
+    for note in ("single train/test cell", "this study has none", "No mixed train domain",
+                 "Fewer than two models"):
+        assert note in markdown
+    run_id = run_id_of("resnet18", "100")
+    assert {path.name for path in (study / "figures").glob("*.png")} == {
+        "dataset_preview.png", f"run_{run_id}_confusion.png", f"run_{run_id}_curves.png",
+    }
+
+
+def test_missing_images_and_run_files_degrade_to_notes(tmp_path):
+    study = small_study(tmp_path, with_images=False)
+    run_dir = study / "runs" / run_id_of("resnet18", "100")
+    (run_dir / "eval" / "100.json").unlink()
+    (run_dir / "metrics.csv").unlink()
+    (study / "runs.csv").unlink()
+    (study / "dataset.json").unlink()
+    build_report(study)
+    markdown = (study / "report.md").read_text(encoding="utf-8")
+    assert "were not found" in markdown.split("## Dataset preview")[1]
+    assert "no confusion matrix for this run" in markdown
+    assert "no training curves for this run" in markdown
+    assert "runs.csv is missing" in markdown.split("## Failed runs")[1]
+    assert "dataset.json is missing" in markdown
+    assert not list((study / "figures").glob("*.png"))
+
+
+def test_folder_without_results_csv_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="histotoken grid") as raised:
+        build_report(tmp_path)
+    assert str(tmp_path) in str(raised.value) and "results.csv" in str(raised.value)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        build_report(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_writes_to_out_and_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    from histotoken.cli import main as cli_main
+
+    monkeypatch.setattr(cli_main, "COMMANDS", ["report"])  # the other commands live in other modules
+    study = small_study(tmp_path)
+    out = tmp_path / "elsewhere" / "study_report.html"
+    assert cli_main.main(["report", str(study), "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".md").is_file() and (out.parent / "figures").is_dir()
+    assert str(out) in capsys.readouterr().out
+
+    assert cli_main.main(["report", str(tmp_path / "elsewhere")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "results.csv" in error and "histotoken grid" in error
+
+
+def test_two_stage_fixture_run_is_the_one_with_stages(full_study):
+    study, _, markdown = full_study
+    run_id = run_id_of(*TWO_STAGE_RUN)
+    section = markdown.split(f"### {run_id}: ")[1].split("\n### ")[0]
+    assert "stages: 1, 2" in section
+
+
+def test_reporting_modules_import_neither_torch_nor_pyplot():
+    # `import histotoken` registers the model families (torch, timm); the reporting code itself must
+    # not need them, so load it under a bare package stub and list what got imported.
+    package_dir = Path(tables.__file__).resolve().parents[1]
+    code = (
+        "import sys, types\n"
+        f"package = types.ModuleType('histotoken'); package.__path__ = [{str(package_dir)!r}]\n"
+        "sys.modules['histotoken'] = package\n"
+        "import histotoken.reporting, histotoken.cli.report\n"
+        "print(sorted(m for m in ('torch', 'timm', 'lightning', 'matplotlib.pyplot') if m in sys.modules))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
