@@ -142,7 +142,8 @@ def run_grid(
             error = _train_and_evaluate(spec, study_dir, run, split_paths[run.split_name])
         records.append(_run_record(study_dir, run, error))
         atomic_write_text(study_dir / "runs.csv", pd.DataFrame(records, columns=RUNS_COLUMNS).to_csv(index=False))
-    measure_efficiency(spec, study_dir)
+    trained = {r["model"] for r in records if r["status"] == "finished"}
+    measure_efficiency(spec, study_dir, [m for m in spec.models if m.label in trained])
     results_csv = collect_results(study_dir)
     report = None
     if build_report:
@@ -190,21 +191,33 @@ def _run_record(study_dir: Path, run: PlannedRun, error: str | None) -> dict[str
     }
 
 
-def measure_efficiency(spec: StudySpec, study_dir: Path) -> Path:
-    """Benchmark every model of the study once, side by side in one process, at the study's image size."""
+def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = None) -> Path | None:
+    """Benchmark the study's models once, side by side in one process, at the study's image size.
+
+    Measured again only when the set of models changed. A failure here is logged and leaves the
+    report without efficiency columns; it does not fail the study.
+    """
     from histotoken.engine.benchmark import benchmark_models, write_benchmark
 
+    models = list(spec.models if models is None else models)
     out = study_dir / "efficiency.csv"
-    labels = [m.label for m in spec.models]
+    labels = [m.label for m in models]
+    if not labels:
+        return None
     if out.is_file() and sorted(pd.read_csv(out)["model"]) == sorted(labels):
         return out
     base = spec.base_config()
     settings = {"batch_size": 16, "rounds": 3, **spec.efficiency}
     num_classes = 2 if spec.tasks == ("binary",) else 8
-    rows = benchmark_models(
-        list(spec.models), img_size=base.img_size, num_classes=num_classes,
-        precision=settings.pop("precision", base.precision), **settings,
-    )
+    logger.info("measuring efficiency of %d models at %d px", len(models), base.img_size)
+    try:
+        rows = benchmark_models(
+            models, img_size=base.img_size, num_classes=num_classes,
+            precision=settings.pop("precision", base.precision), **settings,
+        )
+    except Exception as error:  # noqa: BLE001 - efficiency is an addition to the results, not a reason to fail
+        logger.error("efficiency measurement failed: %s", error)
+        return None
     write_benchmark(rows, out)
     return out
 
