@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from histotoken.reporting import build_report, pareto_front, plots, tables
-from study_fixture import DOMAINS, FAILED_RUN, MODELS, TWO_STAGE_RUN, run_id_of, write_study
+from tests.study_fixture import DOMAINS, FAILED_RUN, MODELS, TWO_STAGE_RUN, run_id_of, write_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTION_HEADINGS = [
