@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import logging
-
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from histotoken.io import atomic_write_json, atomic_write_text
 
