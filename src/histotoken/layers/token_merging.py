@@ -1,0 +1,135 @@
+"""Token merging by bipartite soft matching, as pure tensor functions.
+
+Written from the paper, not from its code:
+Bolya, Fu, Dai, Zhang, Feichtenhofer, Hoffman, "Token Merging: Your ViT But Faster", ICLR 2023
+(https://arxiv.org/abs/2210.09461).
+
+The algorithm (paper, Sec. 3):
+
+1. Split the non-prefix tokens alternately into two sets, A (even positions) and B (odd positions).
+2. Score every A token against every B token with cosine similarity on a *metric* (the paper uses
+   the attention keys; any per-token feature works).
+3. Each A token keeps only its most similar B token (the bipartite graph's best edge).
+4. The ``r`` A tokens with the most similar best match are merged into that match; the other A
+   tokens and all B tokens are kept. Several A tokens may merge into the same B token.
+5. Merging is a *size-weighted* average: every token carries its size (how many input patches it
+   stands for), and merged features are ``sum(size * x) / sum(size)``.
+6. *Proportional attention*: with sizes ``s``, attention becomes ``softmax(q k^T / sqrt(d) + log s)``,
+   so a token that stands for ``s`` patches gets the attention weight of ``s`` copies of itself.
+   :func:`proportional_attention_bias` builds that additive bias.
+
+Prefix tokens (class token, distillation token, register tokens) are never in A or B, so they are
+never merged; they stay first, in order. Output order: prefix, kept A tokens, B tokens (merged or
+not). ViTs carry position in the token features (position embeddings were added at the input), so
+the order of tokens does not matter to later blocks.
+
+Nothing here depends on timm or Lightning; ``histotoken.models.token_merging`` applies it to timm
+models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MergeFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+def max_merge_per_step(num_tokens: int, num_prefix_tokens: int) -> int:
+    """The most tokens one matching step may remove: half of the non-prefix tokens (rounded down).
+
+    Merging at most ``floor(M / 2)`` of ``M`` mergeable tokens leaves at least ``ceil(M / 2)`` of
+    them, so at least ``num_prefix_tokens + 1`` tokens remain whenever ``M >= 1``.
+    """
+    return max(num_tokens - num_prefix_tokens, 0) // 2
+
+
+def _keep_all(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge of ``r = 0``: tokens unchanged, sizes all ones when not given."""
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+    return x, size
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int = 1) -> MergeFn:
+    """Match tokens on ``metric`` and return a function that merges ``r`` of them.
+
+    Args:
+        metric: (B, N, C) features that decide which tokens are similar (e.g. attention keys).
+        r: tokens to remove; clipped to :func:`max_merge_per_step` so tokens never run out.
+        num_prefix_tokens: leading tokens (class, distillation, registers) that are never merged.
+
+    Returns:
+        ``merge(x, size=None) -> (x_merged, size_merged)``: (B, N, C), (B, N, 1) sizes (``None`` =
+        all ones) -> (B, N - r, C) size-weighted averages ``sum(size * x) / sum(size)`` and
+        (B, N - r, 1) summed sizes. Kept tokens stay in their input order (prefix first), a merged
+        token takes the place of its B token. ``merge`` is differentiable in ``x``; the matching
+        itself is a discrete choice without gradient. With ``r == 0`` nothing is merged.
+    """
+    batch, num_tokens, _ = metric.shape
+    r = min(r, max_merge_per_step(num_tokens, num_prefix_tokens))
+    if r <= 0:
+        return _keep_all
+
+    p = num_prefix_tokens
+    with torch.no_grad():  # the matching is a discrete choice: no gradient flows through it
+        # cosine similarity = dot product of unit vectors
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, N, C)
+        set_a, set_b = metric[:, p::2], metric[:, p + 1 :: 2]  # (B, Na, C), (B, Nb, C)
+        num_b = set_b.shape[1]
+        similarity = set_a @ set_b.transpose(1, 2)  # (B, Na, Nb)
+        best_similarity, best_b = similarity.max(dim=-1)  # (B, Na) each: every A token's best B
+        order = best_similarity.argsort(dim=-1, descending=True)  # most similar pairs first
+        merged_a, kept_a = order[:, :r], order[:, r:]  # (B, r), (B, Na - r) indices into A
+        # positions in x: A token i is at p + 2i, B token j at p + 1 + 2j
+        moving_pos = p + 2 * merged_a  # (B, r) tokens that disappear into a B token
+        target_pos = p + 1 + 2 * best_b.gather(1, merged_a)  # (B, r) the B token each one joins
+        device = metric.device
+        prefix_pos = torch.arange(p, device=device).expand(batch, p)
+        b_pos = torch.arange(p + 1, num_tokens, 2, device=device).expand(batch, num_b)
+        keep_pos = torch.cat([prefix_pos, p + 2 * kept_a, b_pos], dim=1).sort(dim=1).values  # (B, N - r)
+        # output slot of each target: how many kept tokens come before its position
+        target_slot = torch.searchsorted(keep_pos, target_pos)  # (B, r)
+        # flat row numbers into (B * N, C) inputs and (B * (N - r), C) outputs: index_select and
+        # index_add on rows are several times faster on CPU than gather/scatter with expanded indices
+        in_rows = torch.arange(batch, device=device)[:, None] * num_tokens
+        out_rows = torch.arange(batch, device=device)[:, None] * (num_tokens - r)
+        keep_rows = (keep_pos + in_rows).flatten()  # (B * (N - r),)
+        moving_rows = (moving_pos + in_rows).flatten()  # (B * r,)
+        target_rows = (target_pos + in_rows).flatten()  # (B * r,)
+        pair_rows = torch.cat([moving_rows, target_rows])  # (2 * B * r,): read both in one pass
+        target_out_rows = (target_slot + out_rows).flatten()  # (B * r,)
+
+    def merge(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = x.shape[-1]
+        if size is None:
+            size = x.new_ones(batch, num_tokens, 1, dtype=torch.float32)
+        rows, size_rows = x.reshape(-1, channels), size.reshape(-1, 1)  # (B * N, C), (B * N, 1)
+        # The only full-size pass copies the kept tokens. The r merges then touch r rows each, with
+        # new = old + sum_m (x_m - old) * size_m / size_new, which equals sum(size * x) / sum(size).
+        merged = rows.index_select(0, keep_rows)  # (B * (N - r), C)
+        moving_size = size_rows.index_select(0, moving_rows)  # (B * r, 1)
+        new_size = size_rows.index_select(0, keep_rows).index_add(0, target_out_rows, moving_size)
+        share = moving_size / new_size.index_select(0, target_out_rows)  # (B * r, 1)
+        moving, target = rows.index_select(0, pair_rows).chunk(2)  # (B * r, C) each
+        delta = (moving - target) * share  # (B * r, C)
+        merged.index_add_(0, target_out_rows, delta.to(merged.dtype))
+        return merged.view(batch, num_tokens - r, channels), new_size.view(batch, num_tokens - r, 1)
+
+    return merge
+
+
+def proportional_attention_bias(size: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Additive attention bias ``log(size)`` for every key, shaped to broadcast over heads and queries.
+
+    Args:
+        size: (B, N, 1) token sizes.
+        dtype: dtype of the attention logits (the query's dtype; e.g. bf16 under autocast).
+
+    Returns:
+        (B, 1, 1, N) bias for ``softmax(q k^T * scale + bias)`` (the ``attn_mask`` of
+        ``torch.nn.functional.scaled_dot_product_attention``).
+    """
+    bias = size.log().transpose(1, 2)[:, None]  # (B, N, 1) -> (B, 1, N) -> (B, 1, 1, N)
+    return bias.to(dtype) if dtype is not None else bias

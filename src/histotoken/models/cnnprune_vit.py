@@ -1,0 +1,402 @@
+"""CNN-guided token pruning: a cheap CNN scores every patch, a ViT reads only the best ones.
+
+The idea follows token-pruning ViTs that score patches with a separate light network and keep the
+top-k (DynamicViT, Rao et al., NeurIPS 2021, https://arxiv.org/abs/2106.02034; and CNN-guided
+selection in histopathology, where tissue regions differ greatly in diagnostic value), with the
+scorer's class head pooled by its own importance map as in attention-based multiple-instance
+learning (Ilse, Tomczak and Welling, ICML 2018, https://arxiv.org/abs/1802.04712).
+
+Architecture (``cnnprune_vit_small``: DeiT-Small ViT; ``cnnprune_vit_tiny``: 192 wide, 4 deep):
+
+1. Scorer: ``resnet18`` truncated after ``layer2`` (stride 8) via ``features_only``, run on the
+   image downscaled by ``scorer_scale`` (default 0.5). At 224 px with 16 px patches its 14 x 14 map
+   is exactly the ViT's patch grid; otherwise it is resized to the grid. This costs about 5% of
+   DeiT-Small's FLOPs. Two heads on the grid: one importance logit per ViT patch (1x1 conv) and class
+   logits from the features pooled with ``softmax(importance)`` over the patches.
+2. The ViT embeds all patches (``timm.layers.PatchEmbed``, 1-2% of the cost), adds position
+   embeddings, keeps the ``k = round(keep_ratio * N)`` patches with the highest importance
+   (:func:`histotoken.layers.topk.select_topk_tokens`), prepends the class token (plus a projection
+   of the scorer's pooled features, so the ViT knows about the pruned regions) and runs timm
+   ``Block``s on the ``k + 1`` tokens.
+
+Training (hooks used by histotoken's engine):
+
+- ``compute_loss``: ViT cross-entropy + ``aux_weight`` x scorer cross-entropy +
+  ``efficiency_weight`` x ``(mean keep probability - keep_ratio)^2``.
+- The importance scores learn from two signals: the scorer's class loss through the attention
+  pooling (patches that predict the class get high scores), and, end to end, the ViT loss through
+  the straight-through gate on the kept tokens. The budget penalty fixes the level of the scores
+  so that ``sigmoid(score)`` reads as a keep probability with mean ``keep_ratio``.
+- ``num_stages = 2``. Stage 1 (scorer warm-up): the ViT is frozen and the loss is the scorer's
+  cross-entropy plus the budget penalty, so the importance map is learnt from the class signal
+  alone (attention-MIL) before the ViT depends on it; the ViT loss is logged, not optimised.
+  Stage 2: everything trains with the full loss. A new model is in stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from histotoken.layers.topk import select_topk_tokens
+
+__all__ = ["CNNPruneViT", "PatchScorer"]
+
+logger = logging.getLogger(__name__)
+
+KEEP_RATIO_RANGE = (0.2, 1.0)
+
+
+def resize_to_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, gh, gw): area-average when shrinking, bilinear when growing."""
+    if tuple(features.shape[-2:]) == tuple(grid_size):
+        return features
+    if features.shape[-2] >= grid_size[0] and features.shape[-1] >= grid_size[1]:
+        return F.adaptive_avg_pool2d(features, grid_size)
+    return F.interpolate(features, size=grid_size, mode="bilinear", align_corners=False)
+
+
+class PatchScorer(nn.Module):
+    """Truncated ResNet18 at low resolution: one importance logit per ViT patch, plus class logits.
+
+    ``forward(images)`` returns ``scores`` (B, N), ``logits`` (B, num_classes) and ``pooled``
+    (B, C) features (the importance-weighted average of the grid features).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        grid_size: tuple[int, int],
+        img_size: int,
+        scale: float = 0.5,
+        stage_index: int = 2,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.img_size = max(32, int(round(img_size * scale)))
+        self.backbone = _create_donor(
+            "resnet18",
+            pretrained,
+            pretrained_file,
+            "cnn_pretrained_file",
+            features_only=True,
+            out_indices=(stage_index,),
+            in_chans=in_chans,
+        )
+        self.num_features = int(self.backbone.feature_info.channels()[-1])
+        self.importance = nn.Conv2d(self.num_features, 1, kernel_size=1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="area")
+        images = images.contiguous(memory_format=torch.channels_last)  # conv nets run faster so on CPU
+        features = self.backbone(images)[-1]  # (B, C, h, w)
+        features = resize_to_grid(features, self.grid_size)  # (B, C, gh, gw)
+        scores = self.importance(features).flatten(1)  # (B, 1, gh, gw) -> (B, N)
+        tokens = features.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, N, C)
+        weights = scores.float().softmax(dim=1).to(tokens.dtype)  # (B, N) attention-MIL pooling
+        pooled = torch.einsum("bn,bnc->bc", weights, tokens)  # (B, C)
+        return scores, self.head(pooled), pooled
+
+
+class CNNPruneViT(nn.Module):
+    """ViT that reads only the ``keep_ratio`` most important patches, chosen by a CNN scorer."""
+
+    num_stages = 2
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        keep_ratio: float = 0.5,
+        aux_weight: float = 0.3,
+        efficiency_weight: float = 1.0,
+        scorer_scale: float = 0.5,
+        scorer_stage: int = 2,
+        gumbel: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        cnn_pretrained: bool = False,
+        cnn_pretrained_file: str | None = None,
+    ) -> None:
+        """
+        Args:
+            keep_ratio: fraction of patches the ViT reads, in [0.2, 1.0]; ``k = round(keep_ratio * N)``.
+            aux_weight: weight of the scorer's cross-entropy in the stage-2 loss.
+            efficiency_weight: weight of the keep-budget penalty.
+            scorer_scale: the scorer sees the image at this fraction of its size.
+            scorer_stage: last ResNet18 stage the scorer runs (1-4; 2 = stride 8, 128 channels).
+            gumbel: Gumbel-top-k exploration while training (see ``histotoken.layers.topk``).
+            cnn_pretrained, cnn_pretrained_file: build the scorer from pretrained ``resnet18``.
+        """
+        super().__init__()
+        low, high = KEEP_RATIO_RANGE
+        if not isinstance(keep_ratio, (int, float)) or not low <= keep_ratio <= high:
+            raise ValueError(
+                f"keep_ratio={keep_ratio!r} is out of range: give the fraction of patches to keep, "
+                f"between {low} and {high} (e.g. keep_ratio=0.5)"
+            )
+        if global_pool != "token":
+            raise ValueError(f"CNNPruneViT pools with its class token only; got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.keep_ratio = float(keep_ratio)
+        self.aux_weight = float(aux_weight)
+        self.efficiency_weight = float(efficiency_weight)
+        self.gumbel = gumbel
+        self.stage = 2
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
+        )
+        num_patches = self.patch_embed.num_patches
+        self.num_kept = max(1, round(self.keep_ratio * num_patches))
+        self.scorer = PatchScorer(
+            num_classes,
+            self.patch_embed.grid_size,
+            img_size=self.patch_embed.img_size[0],
+            scale=scorer_scale,
+            stage_index=scorer_stage,
+            in_chans=in_chans,
+            pretrained=cnn_pretrained,
+            pretrained_file=cnn_pretrained_file,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        # the scorer's pooled view of the whole image (pruned patches included) joins the class token
+        self.context_proj = nn.Linear(self.scorer.num_features, embed_dim)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path[i],
+                    norm_layer=norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.tokens_per_block: list[int] = []
+        self.token_info: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in [self.context_proj, self.blocks, self.head]:
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    trunc_normal_(layer.weight, std=0.02)
+                    nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.context_proj.weight)  # starts as a plain ViT class token (pretrained DeiT intact)
+
+    # --- timm interface -------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ViT head and scorer class head for ``num_classes`` (0 = features only)."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"CNNPruneViT pools with its class token only; got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        features = self.scorer.num_features
+        self.scorer.head = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
+        self.set_stage(self.stage)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, k + 1, D) tokens after the last block (class token first)."""
+        batch = x.shape[0]
+        scores, scorer_logits, pooled = self.scorer(x)  # (B, N), (B, classes), (B, C_cnn)
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D), each with its position
+        selected, kept_indices, keep_prob = select_topk_tokens(
+            tokens, scores, self.num_kept, training=self.training, gumbel=self.gumbel
+        )  # (B, k, D), (B, k), (B, N)
+        cls = self.cls_token + self.pos_embed[:, :1] + self.context_proj(pooled)[:, None]  # (B, 1, D)
+        x = torch.cat([cls.expand(batch, -1, -1), selected], dim=1)  # (B, k + 1, D)
+        x = self.blocks(x)
+        x = self.norm(x)
+
+        self._outputs = {"scorer_logits": scorer_logits, "keep_prob": keep_prob}
+        self.tokens_per_block = [int(x.shape[1])] * len(self.blocks)
+        self.token_info = {"kept_indices": kept_indices.detach(), "scores": scores.detach()}
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0]  # class token
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- engine hooks ---------------------------------------------------------------------------
+
+    def compute_loss(
+        self, logits: torch.Tensor, target: torch.Tensor, criterion: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the last forward pass (see module docstring); ``parts`` are detached, for logging."""
+        if not self._outputs:
+            raise RuntimeError("compute_loss needs a forward pass first: call model(images) before it")
+        vit_ce = criterion(logits, target)
+        scorer_ce = criterion(self._outputs["scorer_logits"].float(), target)
+        keep_rate = self._outputs["keep_prob"].mean()
+        budget = (keep_rate - self.keep_ratio) ** 2
+        if self.stage == 1:
+            total = scorer_ce + self.efficiency_weight * budget
+        else:
+            total = vit_ce + self.aux_weight * scorer_ce + self.efficiency_weight * budget
+        parts = {"vit_ce": vit_ce, "scorer_ce": scorer_ce, "budget": budget, "keep_rate": keep_rate}
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: train the scorer only (ViT frozen). Stage 2: train everything."""
+        if stage not in (1, 2):
+            raise ValueError(f"CNNPruneViT has stages 1 (scorer warm-up) and 2 (end to end); got {stage!r}")
+        self.stage = stage
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(stage == 2 or name.startswith("scorer."))
+
+
+def _create_donor(name: str, pretrained: bool, file: str | None, file_kwarg: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name)``, with weights from ``file`` or the hub; offline errors made clear."""
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    overlay = dict(file=str(file)) if file else None
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as error:  # no network, missing file, hub errors
+        raise ValueError(
+            f"could not load pretrained {name} weights ({type(error).__name__}: {error}). Without network "
+            f"access pass a local file: {file_kwarg}=PATH/TO/{name}.safetensors"
+        ) from error
+
+
+def _load_vit_donor(model: CNNPruneViT, donor_name: str, file: str | None) -> None:
+    """Copy the patch embedding, position embedding, class token, first blocks and norm of a DeiT."""
+    donor = _create_donor(
+        donor_name,
+        True,
+        file,
+        "vit_pretrained_file",
+        img_size=model.patch_embed.img_size,
+        patch_size=model.patch_embed.patch_size,
+        num_classes=0,
+    )
+    depth = len(model.blocks)
+    prefixes = ("patch_embed.", "cls_token", "pos_embed", "norm.") + tuple(
+        f"blocks.{i}." for i in range(depth)
+    )
+    state = {key: value for key, value in donor.state_dict().items() if key.startswith(prefixes)}
+    own = model.state_dict()
+    mismatched = [key for key, value in state.items() if key not in own or own[key].shape != value.shape]
+    if mismatched:
+        raise ValueError(
+            f"{donor_name} weights do not fit {type(model).__name__} (e.g. {mismatched[:3]}); "
+            "use the variant whose width matches the donor"
+        )
+    model.load_state_dict(state, strict=False)
+    logger.info(
+        "initialised the ViT of %s from %s (%d tensors)", type(model).__name__, donor_name, len(state)
+    )
+
+
+def _create_cnnprune_vit(
+    variant: str, pretrained: bool = False, vit_donor: str = "", **kwargs: Any
+) -> CNNPruneViT:
+    vit_file = kwargs.pop("vit_pretrained_file", None)
+    cnn_file = kwargs.pop("cnn_pretrained_file", None)
+    model = build_model_with_cfg(
+        CNNPruneViT,
+        variant,
+        pretrained=False,  # no weights of our own: the parts come from donors below
+        cnn_pretrained=pretrained,
+        cnn_pretrained_file=cnn_file,
+        **kwargs,
+    )
+    if pretrained:
+        _load_vit_donor(model, vit_donor, vit_file)
+    return model
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "cnnprune_vit_small.untrained": _cfg(),
+        "cnnprune_vit_tiny.untrained": _cfg(),
+    }
+)
+
+
+@register_model
+def cnnprune_vit_small(pretrained: bool = False, **kwargs: Any) -> CNNPruneViT:
+    """DeiT-Small (384 wide, 12 deep, 6 heads, 16 px patches) reading the top ``keep_ratio`` patches."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_cnnprune_vit(
+        "cnnprune_vit_small", pretrained, vit_donor="deit_small_patch16_224", **dict(model_args, **kwargs)
+    )
+
+
+@register_model
+def cnnprune_vit_tiny(pretrained: bool = False, **kwargs: Any) -> CNNPruneViT:
+    """A 192-wide, 4-deep, 3-head ViT (DeiT-Tiny's first blocks when pretrained), for tests and CPU demos."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=4, num_heads=3)
+    return _create_cnnprune_vit(
+        "cnnprune_vit_tiny", pretrained, vit_donor="deit_tiny_patch16_224", **dict(model_args, **kwargs)
+    )

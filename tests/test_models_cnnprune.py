@@ -1,0 +1,157 @@
+"""cnnprune_vit: CNN-scored top-k patches through a ViT, its loss, stages and pretrained parts."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+import histotoken  # noqa: F401  (registers the family)
+from histotoken.models import cnnprune_vit
+
+IMG, PATCH = 64, 8  # 8 x 8 = 64 patches
+NUM_PATCHES = (IMG // PATCH) ** 2
+
+
+def _model(keep_ratio=0.5, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(
+        "cnnprune_vit_tiny", img_size=IMG, patch_size=PATCH, num_classes=3, keep_ratio=keep_ratio, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, IMG, IMG, generator=generator), torch.tensor([0, 1, 2, 1])
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5, 1.0])
+def test_blocks_see_the_kept_patches_plus_the_class_token(keep_ratio, batch):
+    model = _model(keep_ratio).eval()
+    logits = model(batch[0])
+    kept = round(keep_ratio * NUM_PATCHES)
+    assert logits.shape == (4, 3)
+    assert model.tokens_per_block == [kept + 1] * 4
+    assert model.token_info["kept_indices"].shape == (4, kept)
+    assert model.token_info["scores"].shape == (4, NUM_PATCHES)
+
+
+def test_inference_keeps_the_highest_scored_patches(batch):
+    model = _model(0.25).eval()
+    model(batch[0])
+    scores, kept = model.token_info["scores"], model.token_info["kept_indices"]
+    for row in range(4):
+        assert set(kept[row].tolist()) == set(scores[row].topk(kept.shape[1]).indices.tolist())
+
+
+def test_flops_fall_as_keep_ratio_falls(batch):
+    flops = []
+    for keep_ratio in (1.0, 0.5, 0.25):
+        model = _model(keep_ratio).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(batch[0])
+        flops.append(counter.get_total_flops())
+    assert flops[0] > flops[1] > flops[2]
+
+
+@pytest.mark.parametrize("keep_ratio", [0.1, 1.5, -0.5])
+def test_keep_ratio_out_of_range_is_a_clear_error(keep_ratio):
+    with pytest.raises(ValueError, match="keep_ratio"):
+        _model(keep_ratio)
+
+
+def test_compute_loss_combines_finite_parts(batch):
+    model = _model().train()
+    logits = model(batch[0])
+    total, parts = model.compute_loss(logits, batch[1], torch.nn.CrossEntropyLoss())
+    assert set(parts) == {"vit_ce", "scorer_ce", "budget", "keep_rate"}
+    assert all(torch.isfinite(value) for value in parts.values())
+    expected = (
+        parts["vit_ce"] + model.aux_weight * parts["scorer_ce"] + model.efficiency_weight * parts["budget"]
+    )
+    torch.testing.assert_close(total.detach(), expected)
+    total.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_stage_one_trains_the_scorer_only(batch):
+    model = _model().train()
+    model.set_stage(1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("scorer.") for name in trainable)
+    assert {"scorer.importance.weight", "scorer.head.weight"} <= trainable
+    total, parts = model.compute_loss(model(batch[0]), batch[1], torch.nn.CrossEntropyLoss())
+    torch.testing.assert_close(total.detach(), parts["scorer_ce"] + model.efficiency_weight * parts["budget"])
+    total.backward()
+    assert model.scorer.importance.weight.grad is not None
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("scorer."))
+
+    model.set_stage(2)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="stage"):
+        model.set_stage(3)
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(batch):
+    images, target = batch
+    model = _model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss, _ = model.compute_loss(model(images), target, criterion)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
+
+
+def test_timm_interface(batch):
+    model = _model().eval()
+    features = model.forward_features(batch[0])
+    assert features.shape == (4, round(0.5 * NUM_PATCHES) + 1, model.num_features)
+    assert model.forward_head(features, pre_logits=True).shape == (4, 192)
+    assert model.get_classifier() is model.head
+    model.reset_classifier(7)
+    assert model(batch[0]).shape == (4, 7)
+    assert model.scorer.head.out_features == 7
+    assert model.pretrained_cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+
+
+def test_pretrained_parts_load_from_local_files(tmp_path):
+    torch.manual_seed(1)
+    vit_donor = timm.create_model("deit_tiny_patch16_224", img_size=IMG, patch_size=PATCH)
+    cnn_donor = timm.create_model("resnet18")
+    save_file(vit_donor.state_dict(), str(tmp_path / "deit_tiny.safetensors"))
+    save_file(cnn_donor.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    model = timm.create_model(
+        "cnnprune_vit_tiny",
+        pretrained=True,
+        img_size=IMG,
+        patch_size=PATCH,
+        num_classes=3,
+        vit_pretrained_file=str(tmp_path / "deit_tiny.safetensors"),
+        cnn_pretrained_file=str(tmp_path / "resnet18.safetensors"),
+    )
+    assert torch.equal(model.pos_embed, vit_donor.pos_embed)
+    assert torch.equal(model.patch_embed.proj.weight, vit_donor.patch_embed.proj.weight)
+    assert torch.equal(model.blocks[3].mlp.fc2.weight, vit_donor.blocks[3].mlp.fc2.weight)
+    assert torch.equal(model.norm.weight, vit_donor.norm.weight)
+    assert torch.equal(model.scorer.backbone.conv1.weight, cnn_donor.conv1.weight)
+    assert torch.equal(model.scorer.backbone.layer2[1].conv2.weight, cnn_donor.layer2[1].conv2.weight)
+
+
+def test_pretrained_without_network_asks_for_local_files(monkeypatch):
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
+            raise OSError("no network")
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ValueError, match="cnn_pretrained_file"):
+        cnnprune_vit.cnnprune_vit_tiny(pretrained=True, img_size=IMG, patch_size=PATCH)

@@ -1,0 +1,146 @@
+"""Token merging applied to timm ViT/DeiT models through hooks."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from histotoken.models.factory import create_model
+from histotoken.models.token_merging import apply_token_merging, remove_token_merging
+
+IMG = 64  # 64 px, 8 px patches: 64 patch tokens
+
+
+def _vit(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=4, num_classes=5, **kwargs
+    )
+
+
+def _deit_distilled():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=IMG, patch_size=8, depth=4, num_classes=5
+    )
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("build", [_vit, _deit_distilled], ids=["vit", "deit_distilled"])
+def test_r_zero_output_is_bit_identical_to_the_plain_model(build, images):
+    model = build().eval()
+    expected = model(images)
+    apply_token_merging(model, 0)
+    assert torch.equal(model(images), expected)
+    assert model.tokens_per_block == [model.num_prefix_tokens + 64] * 4
+
+
+@pytest.mark.parametrize(
+    ("build", "prefix"), [(_vit, 1), (_deit_distilled, 2)], ids=["vit", "deit_distilled"]
+)
+def test_tokens_per_block_fall_by_r_per_block(build, prefix, images):
+    model = apply_token_merging(build().eval(), 6)
+    model(images)
+    assert model.tokens_per_block == [prefix + 64 - 6 * (i + 1) for i in range(4)]
+
+
+def test_large_r_is_clipped_per_block_to_half_the_patch_tokens(images):
+    model = apply_token_merging(_vit().eval(), 32)
+    out = model(images)
+    assert model.tokens_per_block == [33, 17, 9, 5]
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("r", [-1, 33])
+def test_r_out_of_range_is_a_clear_error(r):
+    with pytest.raises(ValueError, match="merge_r"):
+        apply_token_merging(_vit(), r)
+
+
+def test_a_cnn_is_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        apply_token_merging(timm.create_model("resnet18", num_classes=2), 4)
+
+
+def test_merged_model_trains_gradients_reach_every_parameter(images):
+    model = apply_token_merging(_vit(), 8).train()
+    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 3]))
+    loss.backward()
+    missing = [
+        name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
+    assert not missing
+    assert model.tokens_per_block == [57, 49, 41, 33]
+
+
+def test_flops_fall_as_r_grows(images):
+    flops = []
+    for r in (0, 4, 12):
+        model = apply_token_merging(_vit().eval(), r)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(images)
+        flops.append(counter.get_total_flops())
+    assert flops[0] > flops[1] > flops[2]
+    assert flops[2] < 0.7 * flops[0]
+
+
+def test_proportional_attention_reaches_the_attention(images):
+    with_bias = apply_token_merging(_vit().eval(), 8)
+    without_bias = apply_token_merging(_vit().eval(), 8, proportional_attention=False)
+    out_with, out_without = with_bias(images), without_bias(images)
+    assert with_bias.tokens_per_block == without_bias.tokens_per_block
+    assert not torch.allclose(out_with, out_without)
+
+
+def test_token_metric_option_merges_the_same_number_of_tokens(images):
+    model = apply_token_merging(_vit().eval(), 8, metric="tokens")
+    model(images)
+    assert model.tokens_per_block == [57, 49, 41, 33]
+    with pytest.raises(ValueError, match="metric"):
+        apply_token_merging(_vit(), 8, metric="queries")
+
+
+def test_state_dict_is_unchanged_and_remove_restores_the_plain_model(images):
+    model = _vit().eval()
+    expected = model(images)
+    keys = list(model.state_dict())
+    apply_token_merging(model, 8)
+    assert list(model.state_dict()) == keys
+    assert not torch.allclose(model(images), expected)
+    remove_token_merging(model)
+    assert torch.equal(model(images), expected)
+
+
+def test_deepcopy_records_tokens_on_the_copy(images):
+    model = apply_token_merging(_vit().eval(), 8)
+    clone = copy.deepcopy(model)
+    clone(images[:1])
+    assert clone.tokens_per_block == [57, 49, 41, 33]
+    assert model.tokens_per_block == []
+    torch.testing.assert_close(clone(images), model(images))
+
+
+def test_bf16_autocast_forward_is_finite(images):
+    model = apply_token_merging(_vit().eval(), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        out = model(images)
+    assert torch.isfinite(out.float()).all()
+
+
+def test_factory_applies_merge_r_from_the_model_spec(images):
+    model = create_model("vit_tiny_patch16_224:depth=3,merge_r=5,patch_size=8", num_classes=2, img_size=IMG)
+    model.eval()(images)
+    assert model.tokens_per_block == [60, 55, 50]
+
+
+def test_gradient_checkpointing_with_merging_is_a_clear_error(images):
+    model = apply_token_merging(_vit().train(), 4)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="checkpointing"):
+        model(images)
