@@ -1,0 +1,106 @@
+"""Small MLP-Mixer and ConvMixer baselines, built from timm's own classes.
+
+timm's smallest registered variants (``mixer_s32_224``: 512 wide, 8 blocks; ``convmixer_768_32``:
+768 wide, 32 layers, about 1 img/s to train on a 2-core CPU) are too big for CPU demos and tests,
+so this module registers two small ones. The architectures are timm's, unchanged; the subclasses
+only record ``tokens_per_block`` / ``token_info`` like every histotoken family.
+
+Papers:
+- MLP-Mixer: Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021
+  (https://arxiv.org/abs/2105.01601).
+- ConvMixer: Trockman and Kolter, "Patches Are All You Need?", TMLR 2023 (https://arxiv.org/abs/2201.09792).
+
+No pretrained weights exist for these sizes; ``pretrained=True`` needs a local file given as
+``pretrained_cfg_overlay=dict(file=PATH)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.convmixer import ConvMixer
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.mlp_mixer import checkpoint_filter_fn as mixer_checkpoint_filter_fn
+
+__all__ = ["TokenCountingConvMixer", "TokenCountingMlpMixer"]
+
+
+class TokenCountingMlpMixer(MlpMixer):
+    """timm's MlpMixer; every mixer block processes all N patch tokens (no class token)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward_features(x)  # (B, N, C)
+        self.tokens_per_block = [x.shape[1]] * len(self.blocks)
+        self.token_info: dict[str, torch.Tensor] = {}
+        return x
+
+
+class TokenCountingConvMixer(ConvMixer):
+    """timm's ConvMixer; a CNN, so ``tokens_per_block`` is empty. Takes any image size.
+
+    ``img_size`` is accepted (and ignored) so that every histotoken family is built the same way.
+    """
+
+    def __init__(self, *args: Any, img_size: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.tokens_per_block: list[int] = []
+        self.token_info: dict[str, torch.Tensor] = {}
+        return super().forward_features(x)  # (B, C, H, W)
+
+
+def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not overlay.get("file"):
+        raise ValueError(
+            f"{variant} has no published pretrained weights; train it, or pass a local file with "
+            "pretrained_cfg_overlay=dict(file=PATH)"
+        )
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=mixer_checkpoint_filter_fn if model_cls is TokenCountingMlpMixer else None,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "mixer_tiny": _cfg(first_conv="stem.proj", fixed_input_size=True),
+    "convmixer_tiny": _cfg(first_conv="stem.0"),
+})
+
+
+@register_model
+def mixer_tiny(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
+    """MLP-Mixer, 192 wide, 6 blocks, patch 16 (mixer_s16_224 is 512 wide, 8 blocks)."""
+    model_args = dict(patch_size=16, num_blocks=6, embed_dim=192)
+    return _create(TokenCountingMlpMixer, "mixer_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convmixer_tiny(pretrained: bool = False, **kwargs: Any) -> ConvMixer:
+    """ConvMixer-256/8, kernel 5, patch 8 (a moderate kernel: large depthwise kernels are slow on CPU)."""
+    model_args = dict(dim=256, depth=8, kernel_size=5, patch_size=8)
+    return _create(TokenCountingConvMixer, "convmixer_tiny", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,332 @@
+"""ViT with a TokenLearner: after a few blocks, S learned tokens replace the N patch tokens.
+
+Paper: Ryoo et al., "TokenLearner: What Can 8 Learned Tokens Do for Images and Videos?",
+NeurIPS 2021 (https://arxiv.org/abs/2106.11297), section 3 and the ViT experiments (TokenLearner
+inserted in the middle of the network, 8 tokens).
+
+Layout (the ViT parts are timm's ``PatchEmbed`` and ``Block``, with timm's parameter names, so
+DeiT/ViT weights load by name):
+
+    image -> patch_embed -> [cls] + N patch tokens + pos_embed
+          -> blocks[:learner_after]                         (1 + N tokens)
+          -> token_learner: N patch tokens -> S tokens       (the class token is kept as is)
+          -> blocks[learner_after:]                         (1 + S tokens)
+          -> (fuse=True: token_fuser maps the S tokens back onto the N positions,
+              residual with the patch tokens that entered the learner -> 1 + N tokens)
+          -> norm -> pool (class token; ``avg`` over the non-class tokens when fuse=True) -> head
+
+``learner_after`` is the number of blocks that run on all tokens (default depth // 2, i.e. the
+learner sits after the middle block). With fuse=True the class token sees only the S learned
+tokens, so the head pools the fused tokens by average (``global_pool="avg"``); asking for
+``global_pool="token"`` with fuse=True is an error, since the fuser would then not change the output.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
+
+__all__ = ["TokenLearnerViT", "load_donor_weights", "make_blocks", "make_head", "make_token_learner", "pool_tokens"]
+
+logger = logging.getLogger(__name__)
+
+LEARNERS = ("v11", "conv")
+GLOBAL_POOLS = ("token", "avg", "")
+
+
+def make_token_learner(
+    learner: str, dim: int, num_tokens: int, hidden_dim: int = 64
+) -> TokenLearner | TokenLearnerConv:
+    """The TokenLearner variant named ``learner``: ``"v11"`` (MLP + softmax) or ``"conv"`` (v1)."""
+    if learner == "v11":
+        return TokenLearner(dim, num_tokens, hidden_dim=hidden_dim)
+    if learner == "conv":
+        return TokenLearnerConv(dim, num_tokens)
+    raise ValueError(f"learner must be one of {LEARNERS}, got {learner!r}")
+
+
+def make_blocks(depth: int, block_fn: type[nn.Module], drop_path_rate: float, **block_kwargs: Any) -> nn.Sequential:
+    """``depth`` transformer blocks with stochastic depth rising linearly to ``drop_path_rate``."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    return nn.Sequential(*[block_fn(drop_path=rates[index], **block_kwargs) for index in range(depth)])
+
+
+def make_head(in_features: int, num_classes: int, like: torch.Tensor) -> nn.Module:
+    """A linear classifier on ``like``'s device and dtype (``nn.Identity`` for num_classes 0)."""
+    if num_classes <= 0:
+        return nn.Identity()
+    return nn.Linear(in_features, num_classes, device=like.device, dtype=like.dtype)
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    return global_pool
+
+
+def pool_tokens(x: torch.Tensor, global_pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """``"token"``: the class token; ``"avg"``: mean of the other tokens; ``""``: all tokens unpooled."""
+    if global_pool == "avg":
+        return x[:, num_prefix_tokens:].mean(dim=1)  # (B, P + T, C) -> (B, C)
+    if global_pool == "token":
+        return x[:, 0]  # (B, P + T, C) -> (B, C)
+    return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT initialisation: truncated-normal linear weights (std 0.02), zero biases."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class TokenLearnerViT(nn.Module):
+    """Vision Transformer whose patch tokens are reduced to ``num_tokens`` by a TokenLearner."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str | None = None,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_tokens: int = 8,
+        learner_after: int | None = None,
+        learner: str = "v11",
+        learner_hidden_dim: int = 64,
+        fuse: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        block_fn: type[nn.Module] = Block,
+        norm_layer: Any = None,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        learner_after = depth // 2 if learner_after is None else int(learner_after)
+        if not 0 <= learner_after <= depth:
+            raise ValueError(f"learner_after must be between 0 and depth={depth}, got {learner_after}")
+        global_pool = ("avg" if fuse else "token") if global_pool is None else global_pool
+        self._check_pool(global_pool, fuse)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.num_tokens = num_tokens
+        self.learner_after = learner_after
+        self.fuse = fuse
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.blocks = make_blocks(
+            depth,
+            block_fn,
+            drop_path_rate,
+            dim=embed_dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
+        self.token_learner = make_token_learner(learner, embed_dim, num_tokens, learner_hidden_dim)
+        self.token_fuser = TokenFuser(embed_dim, num_tokens, hidden_dim=learner_hidden_dim) if fuse else None
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = make_head(embed_dim, num_classes, like=self.cls_token)
+
+        self.tokens_per_block: list[int] = []
+        self.token_info: dict[str, torch.Tensor] = {}
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_weights)
+
+    @staticmethod
+    def _check_pool(global_pool: str, fuse: bool) -> None:
+        check_global_pool(global_pool)
+        if fuse and global_pool == "token":
+            raise ValueError(
+                "fuse=True with global_pool='token' would ignore the fused tokens; use global_pool='avg'"
+            )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_pool(global_pool, self.fuse)
+            self.global_pool = global_pool
+        self.head = make_head(self.embed_dim, num_classes, like=self.cls_token)
+
+    def _learn_tokens(self, x: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the N patch tokens by S learned ones; return (1 + S tokens, the N patch tokens)."""
+        cls_token, patches = x[:, :1], x[:, 1:]  # (B, 1 + N, C) -> (B, 1, C), (B, N, C)
+        learned, weights = self.token_learner(patches, grid_size)  # -> (B, S, C), (B, S, N)
+        maps = weights.detach().reshape(weights.shape[0], weights.shape[1], *grid_size)  # (B, S, N) -> (B, S, H, W)
+        self.token_info = {"attention_maps": maps}
+        return torch.cat([cls_token, learned], dim=1), patches  # (B, 1 + S, C)
+
+    def _fuse_tokens(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Map the S learned tokens back onto the N positions (residual on the learner's input)."""
+        cls_token, learned = x[:, :1], x[:, 1:]  # (B, 1 + S, C) -> (B, 1, C), (B, S, C)
+        fused = patches + self.token_fuser(learned, patches)  # (B, S, C), (B, N, C) -> (B, N, C)
+        return torch.cat([cls_token, fused], dim=1)  # (B, 1 + N, C)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, 3, H_img, W_img) -> (B, N, C)
+        grid_size = self.patch_embed.grid_size
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, C) -> (B, 1 + N, C)
+        x = self.pos_drop(x + self.pos_embed)
+        tokens_per_block = []
+        patches = x[:, 1:]  # replaced by the learner's input patch tokens below
+        for index, block in enumerate(self.blocks):
+            if index == self.learner_after:
+                x, patches = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
+            x = block(x)
+            tokens_per_block.append(x.shape[1])
+        if self.learner_after == len(self.blocks):
+            x, patches = self._learn_tokens(x, grid_size)
+        if self.token_fuser is not None:
+            x = self._fuse_tokens(x, patches)  # (B, 1 + S, C) -> (B, 1 + N, C)
+        self.tokens_per_block = tokens_per_block
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))  # (B, 1 + T, C) -> (B, C)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def load_donor_weights(
+    model: nn.Module,
+    donor: str,
+    pretrained_file: str | Path | None = None,
+    donor_kwargs: dict[str, Any] | None = None,
+    prefixes: tuple[str, ...] = ("",),
+) -> list[str]:
+    """Copy the tensors of timm model ``donor`` (pretrained) that match ``model`` by name and shape.
+
+    The donor is built by timm with its pretrained weights (from ``pretrained_file`` if given, else
+    the Hugging Face hub) and with ``donor_kwargs`` (e.g. ``img_size``, ``patch_size``), so timm's
+    own checkpoint filter resamples position embeddings and patch kernels to this model's grid.
+    Only keys starting with one of ``prefixes`` are copied. Returns the copied keys.
+    """
+    if pretrained_file is not None and not Path(pretrained_file).is_file():
+        raise ValueError(f"pretrained_file {pretrained_file} does not exist; pass a local .safetensors weights file")
+    overlay = dict(file=str(pretrained_file)) if pretrained_file is not None else None
+    try:
+        donor_model = timm.create_model(
+            donor, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **(donor_kwargs or {})
+        )
+    except Exception as error:  # no network, no hub entry, unreadable file
+        raise ValueError(
+            f"could not load pretrained weights of {donor!r} ({type(error).__name__}: {error}). Without access "
+            "to the Hugging Face hub, download them elsewhere and pass the local weights file as "
+            "pretrained_file=PATH (e.g. timm.create_model(name, pretrained=True, pretrained_file=PATH))."
+        ) from error
+    own = model.state_dict()
+    copied = {
+        key: value
+        for key, value in donor_model.state_dict().items()
+        if key.startswith(prefixes) and key in own and own[key].shape == value.shape
+    }
+    if not copied:
+        raise ValueError(f"no tensor of {donor!r} matches this model by name and shape; choose another donor")
+    model.load_state_dict(copied, strict=False)
+    logger.info("copied %d of %d tensors from %s", len(copied), len(own), donor)
+    return sorted(copied)
+
+
+def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
+    donor = kwargs.pop("pretrained_donor", None) or PRETRAINED_DONORS[variant]
+    pretrained_file = kwargs.pop("pretrained_file", None)
+    # Our own cfg has no weights: timm builds the model untrained, the donor supplies the ViT parts.
+    model = build_model_with_cfg(TokenLearnerViT, variant, pretrained=False, **kwargs)
+    if pretrained:
+        donor_kwargs = dict(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size)
+        load_donor_weights(model, donor, pretrained_file, donor_kwargs)
+    return model
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "fixed_input_size": True,
+        "paper_ids": "arXiv:2106.11297",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "tokenlearner_vit_small": _cfg(),
+    "tokenlearner_vit_tiny": _cfg(),
+})
+
+# timm models whose pretrained weights initialise the ViT parts when pretrained=True
+# (override with pretrained_donor=, e.g. "vit_small_patch16_224" for the small variant).
+PRETRAINED_DONORS = {
+    "tokenlearner_vit_small": "deit_small_patch16_224",
+    "tokenlearner_vit_tiny": "deit_tiny_patch16_224",
+}
+
+
+@register_model
+def tokenlearner_vit_small(pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
+    """ViT-Small/16 (DeiT-S sizes), 8 learned tokens after block 6 of 12."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_tokens=8)
+    return _create_tokenlearner_vit("tokenlearner_vit_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def tokenlearner_vit_tiny(pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
+    """ViT-Tiny/16 widths (DeiT-Ti), 6 blocks, 8 learned tokens after block 3 (for tests and CPU demos)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=6, num_heads=3, num_tokens=8)
+    return _create_tokenlearner_vit("tokenlearner_vit_tiny", pretrained, **dict(model_args, **kwargs))
+
