@@ -13,7 +13,7 @@ import torch
 VALID_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "auto")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AMX or AVX-512 BF16)."""
     try:

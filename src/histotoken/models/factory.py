@@ -135,7 +135,10 @@ def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.n
         raise ValueError(
             f"could not fetch pretrained weights for {name!r} ({type(error).__name__}: {error}). "
             "This machine may have no access to the Hugging Face hub: download the weights elsewhere "
-            "and pass them with --weights FILE (.safetensors or a timm checkpoint)."
+            "and pass them with --weights FILE (.safetensors or a timm checkpoint). histotoken's own "
+            "families take the donor files as model arguments instead, e.g. "
+            "tokenlearner_vit_small:pretrained_file=deit_small.safetensors or "
+            "cnnprune_vit_small:vit_pretrained_file=A,cnn_pretrained_file=B."
         ) from error
 
 
