@@ -36,7 +36,7 @@ def test_index_and_split_commands_write_their_csv(synthetic_root, tmp_path, caps
 def test_train_and_evaluate_commands(synthetic_root, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", str(synthetic_root), "--model", "resnet18", "--train-domain", "100",
-            "--img-size", "32", "--epochs", "1", "--out", str(run), "batch_size=16", "precision=32-true"]
+            "--img-size", "32", "--epochs", "1", "--out", str(run), "batch_size=16", "precision=32-true", "bootstrap=100"]
     assert main(args) == 0
     assert f"run folder: {run}" in capsys.readouterr().out
     assert main(args) == 0

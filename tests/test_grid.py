@@ -10,7 +10,7 @@ import pytest
 from histotoken.experiments.grid import RESULT_COLUMNS, run_grid, run_state
 from histotoken.experiments.spec import expand, spec_from_dict
 
-PROTOCOL = {"img_size": 32, "epochs": 1, "batch_size": 16, "precision": "32-true"}
+PROTOCOL = {"img_size": 32, "epochs": 1, "batch_size": 16, "precision": "32-true", "bootstrap": 100}
 
 
 def spec_dict(data, **changes):
@@ -132,7 +132,7 @@ def test_demo_spec_runs_end_to_end_at_a_smaller_budget(tmp_path):
                           "magnifications": [100, 400], "seed": 0},
             "models": ["resnet18", "tokenlearner_vit_tiny:patch_size=8,num_tokens=4"],
             "train_domains": ["100", "100+400"],
-            "protocol": {"img_size": 32, "epochs": 1, "batch_size": 16},
+            "protocol": {"img_size": 32, "epochs": 1, "batch_size": 16, "bootstrap": 100},
             "efficiency": {"batch_size": 2, "rounds": 1},
         },
     )

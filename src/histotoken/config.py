@@ -52,6 +52,7 @@ class RunConfig:
     pretrained: bool = False
     weights: str | None = None
     merge_r: int = 0
+    bootstrap: int = 1000  # resamples of test patients for the 95% intervals
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -171,9 +171,11 @@ def benchmark_models(
         report(f"prepared {spec.label}")
 
     for round_index in range(rounds):
+        started = time.perf_counter()
         for candidate in candidates:
             _measure_round(candidate, resolved_precision, latency_iters, throughput_iters)
             report(f"round {round_index + 1}/{rounds}: {candidate.spec.label}")
+        logger.info("round %d/%d done in %.0f s", round_index + 1, rounds, time.perf_counter() - started)
 
     rows = [_to_row(c, img_size, batch_size, resolved_precision, torch_device) for c in candidates]
     reference = rows[0]["throughput_img_s"]
@@ -203,8 +205,8 @@ def _warn_if_busy(device: torch.device) -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
         logger.warning(
-            "the machine is busy (1-minute load average %.1f on %d cores): other work slows the models "
-            "unevenly, so latency and throughput will be unreliable; run on an idle machine", load, cores,
+            "the machine has been busy (1-minute load average %.1f on %d cores): other work slows the "
+            "models unevenly and makes latency and throughput unreliable; run on an idle machine", load, cores,
         )
 
 

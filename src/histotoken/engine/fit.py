@@ -265,7 +265,7 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
     best = read_json(paths.best_meta)
     from histotoken.engine.evaluate import evaluate_run
 
-    evaluation = evaluate_run(paths.root, domain)
+    evaluation = evaluate_run(paths.root, domain, n_bootstrap=config.bootstrap)
     return TrainResult(paths.root, False, best, evaluation)
 
 

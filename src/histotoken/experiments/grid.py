@@ -163,10 +163,11 @@ def _train_and_evaluate(spec: StudySpec, study_dir: Path, run: PlannedRun, split
         status_file = run_dir / "status.json"
         if status_file.is_file() and read_json(status_file).get("state") == "failed":
             logger.info("retrying %s, which failed before", run.run_id)
-        train(run.config(spec, splits_csv), run_dir, progress_bar=False)
+        config = run.config(spec, splits_csv)
+        train(config, run_dir, progress_bar=False)
         for domain in spec.test_domains:
             if not (run_dir / "eval" / f"{domain}.json").is_file():
-                evaluate_run(run_dir, domain)
+                evaluate_run(run_dir, domain, n_bootstrap=config.bootstrap)
         return None
     except KeyboardInterrupt:
         raise

@@ -39,7 +39,6 @@ import logging
 from functools import partial
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -49,6 +48,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from histotoken.layers.topk import select_topk_tokens
+from histotoken.models.pretrained import create_donor, load_donor_weights
 
 __all__ = ["CNNPruneViT", "PatchScorer"]
 
@@ -87,7 +87,7 @@ class PatchScorer(nn.Module):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.img_size = max(32, int(round(img_size * scale)))
-        self.backbone = _create_donor(
+        self.backbone = create_donor(
             "resnet18",
             pretrained,
             pretrained_file,
@@ -299,46 +299,17 @@ class CNNPruneViT(nn.Module):
             parameter.requires_grad_(stage == 2 or name.startswith("scorer."))
 
 
-def _create_donor(name: str, pretrained: bool, file: str | None, file_kwarg: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name)``, with weights from ``file`` or the hub; offline errors made clear."""
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    overlay = dict(file=str(file)) if file else None
-    try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except Exception as error:  # no network, missing file, hub errors
-        raise ValueError(
-            f"could not load pretrained {name} weights ({type(error).__name__}: {error}). Without network "
-            f"access pass a local file: {file_kwarg}=PATH/TO/{name}.safetensors"
-        ) from error
-
-
 def _load_vit_donor(model: CNNPruneViT, donor_name: str, file: str | None) -> None:
     """Copy the patch embedding, position embedding, class token, first blocks and norm of a DeiT."""
-    donor = _create_donor(
+    prefixes = ("patch_embed.", "cls_token", "pos_embed", "norm.") + tuple(f"blocks.{i}." for i in range(len(model.blocks)))
+    load_donor_weights(
+        model,
         donor_name,
-        True,
         file,
-        "vit_pretrained_file",
-        img_size=model.patch_embed.img_size,
-        patch_size=model.patch_embed.patch_size,
-        num_classes=0,
-    )
-    depth = len(model.blocks)
-    prefixes = ("patch_embed.", "cls_token", "pos_embed", "norm.") + tuple(
-        f"blocks.{i}." for i in range(depth)
-    )
-    state = {key: value for key, value in donor.state_dict().items() if key.startswith(prefixes)}
-    own = model.state_dict()
-    mismatched = [key for key, value in state.items() if key not in own or own[key].shape != value.shape]
-    if mismatched:
-        raise ValueError(
-            f"{donor_name} weights do not fit {type(model).__name__} (e.g. {mismatched[:3]}); "
-            "use the variant whose width matches the donor"
-        )
-    model.load_state_dict(state, strict=False)
-    logger.info(
-        "initialised the ViT of %s from %s (%d tensors)", type(model).__name__, donor_name, len(state)
+        donor_kwargs={"img_size": model.patch_embed.img_size, "patch_size": model.patch_embed.patch_size},
+        prefixes=prefixes,
+        file_argument="vit_pretrained_file",
+        require_all=True,
     )
 
 

@@ -127,19 +127,15 @@ def _create_with_fallback(name: str, pretrained: bool, kwargs: dict[str, Any]) -
 def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except TypeError:
-        raise
-    except Exception as error:  # network, missing hub entry, hf_hub errors
-        raise ValueError(
-            f"could not fetch pretrained weights for {name!r} ({type(error).__name__}: {error}). "
-            "This machine may have no access to the Hugging Face hub: download the weights elsewhere "
-            "and pass them with --weights FILE (.safetensors or a timm checkpoint). histotoken's own "
-            "families take the donor files as model arguments instead, e.g. "
-            "tokenlearner_vit_small:pretrained_file=deit_small.safetensors or "
-            "cnnprune_vit_small:vit_pretrained_file=A,cnn_pretrained_file=B."
-        ) from error
+    from histotoken.models.pretrained import timm_pretrained
+
+    advice = (
+        "Download the weights elsewhere and pass them with --weights FILE (.safetensors or a timm "
+        "checkpoint). histotoken's own families take donor files as model arguments instead, e.g. "
+        "tokenlearner_vit_small:pretrained_file=deit_small.safetensors or "
+        "cnnprune_vit_small:vit_pretrained_file=A,cnn_pretrained_file=B."
+    )
+    return timm_pretrained(name, None, advice, **kwargs)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, trunc_normal_
@@ -37,8 +35,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
+from histotoken.models.pretrained import load_donor_weights
 
-__all__ = ["TokenLearnerViT", "load_donor_weights", "make_blocks", "make_head", "make_token_learner", "pool_tokens"]
+__all__ = ["TokenLearnerViT", "make_blocks", "make_head", "make_token_learner", "pool_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,46 +232,6 @@ class TokenLearnerViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def load_donor_weights(
-    model: nn.Module,
-    donor: str,
-    pretrained_file: str | Path | None = None,
-    donor_kwargs: dict[str, Any] | None = None,
-    prefixes: tuple[str, ...] = ("",),
-) -> list[str]:
-    """Copy the tensors of timm model ``donor`` (pretrained) that match ``model`` by name and shape.
-
-    The donor is built by timm with its pretrained weights (from ``pretrained_file`` if given, else
-    the Hugging Face hub) and with ``donor_kwargs`` (e.g. ``img_size``, ``patch_size``), so timm's
-    own checkpoint filter resamples position embeddings and patch kernels to this model's grid.
-    Only keys starting with one of ``prefixes`` are copied. Returns the copied keys.
-    """
-    if pretrained_file is not None and not Path(pretrained_file).is_file():
-        raise ValueError(f"pretrained_file {pretrained_file} does not exist; pass a local .safetensors weights file")
-    overlay = dict(file=str(pretrained_file)) if pretrained_file is not None else None
-    try:
-        donor_model = timm.create_model(
-            donor, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **(donor_kwargs or {})
-        )
-    except Exception as error:  # no network, no hub entry, unreadable file
-        raise ValueError(
-            f"could not load pretrained weights of {donor!r} ({type(error).__name__}: {error}). Without access "
-            "to the Hugging Face hub, download them elsewhere and pass the local weights file as "
-            "pretrained_file=PATH (e.g. timm.create_model(name, pretrained=True, pretrained_file=PATH))."
-        ) from error
-    own = model.state_dict()
-    copied = {
-        key: value
-        for key, value in donor_model.state_dict().items()
-        if key.startswith(prefixes) and key in own and own[key].shape == value.shape
-    }
-    if not copied:
-        raise ValueError(f"no tensor of {donor!r} matches this model by name and shape; choose another donor")
-    model.load_state_dict(copied, strict=False)
-    logger.info("copied %d of %d tensors from %s", len(copied), len(own), donor)
-    return sorted(copied)
 
 
 def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:

@@ -37,10 +37,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from histotoken.models.pretrained import load_donor_weights
 from histotoken.models.tokenlearner_vit import (
     check_global_pool,
     init_weights,
-    load_donor_weights,
     make_blocks,
     make_head,
     make_token_learner,
