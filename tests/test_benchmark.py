@@ -148,6 +148,9 @@ def test_written_csv_and_json_hold_the_same_rows(rows, tmp_path):
     assert document["rows"] == rows
     assert read_benchmark(csv_path) == rows
     assert not list(csv_path.parent.glob("*.tmp"))  # temp files were renamed, not left behind
+    plain_file = tmp_path / "plain.txt"
+    plain_file.write_text("")  # the mode any new file gets here (not the temp file's owner-only 0600)
+    assert csv_path.stat().st_mode & 0o777 == json_path.stat().st_mode & 0o777 == plain_file.stat().st_mode & 0o777
 
 
 def test_peak_memory_sampler_sees_a_64_mb_allocation():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 DESCRIPTION = """\
 Measure what models cost when they classify images (inference only, random weights: cost does
@@ -84,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
         write_benchmark,
     )
 
-    machine = machine_description(args.device)  # before the run: its load average is other work's
+    machine = machine_description(args.device)  # before the run: its CPU use is other work's
     progress_bar = _progress_bar()
-    try:
+    with progress_bar.redirect_logging() if progress_bar else contextlib.nullcontext():
         rows = benchmark_models(
             args.models,
             img_size=args.img_size,
@@ -98,9 +100,6 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             progress=progress_bar.update if progress_bar else None,
         )
-    finally:
-        if progress_bar:
-            progress_bar.close()
     csv_path, json_path = write_benchmark(rows, Path(args.out), machine=machine)
 
     first = rows[0]
@@ -122,6 +121,17 @@ class _ProgressBar:
     def __init__(self, tqdm_class) -> None:
         self._tqdm_class = tqdm_class
         self._bar = None
+
+    @contextlib.contextmanager
+    def redirect_logging(self) -> Iterator[None]:
+        """Log lines above the bar instead of through it; close the bar at the end."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm(tqdm_class=self._tqdm_class):
+                yield
+        finally:
+            self.close()
 
     def update(self, done: int, total: int, message: str) -> None:
         if self._bar is None:

@@ -21,7 +21,9 @@ What each figure means and how it is measured:
   for CNNs. ``tokens_final`` is the number of tokens leaving the last block, i.e. entering
   the classifier head's pooling (empty for CNNs).
 - ``latency_ms_median`` / ``latency_ms_p90``: wall-clock time of single forward passes at
-  batch 1, pooled over all rounds (one image at a time: the interactive or slide-viewer case).
+  batch 1 (one image at a time: the interactive or slide-viewer case). Each round gives a
+  median and a 90th percentile of its passes; the medians of those over rounds are reported,
+  so that one disturbed round does not move either figure.
 - ``throughput_img_s``: images per second at ``batch_size`` (the batch-scoring case, e.g.
   all patches of a slide); one value per round, the median reported.
 - ``peak_memory_mb``: this model's weights (parameters and buffers) plus the largest growth
@@ -65,7 +67,7 @@ import torch
 from torch import nn
 
 from histotoken.engine.precision import autocast_context, resolve_precision
-from histotoken.models.factory import ModelSpec, create_model, parse_model_spec
+from histotoken.models.factory import ModelSpec, check_model_name, create_model, parse_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,8 @@ class _Candidate:
     tokens_per_block: list[int] = dataclasses.field(default_factory=list)
     tokens_final: int | None = None
     peak_memory_bytes: int = 0
-    latencies_s: list[float] = dataclasses.field(default_factory=list)
+    latency_medians_s: list[float] = dataclasses.field(default_factory=list)  # one per round
+    latency_p90s_s: list[float] = dataclasses.field(default_factory=list)  # one per round
     throughputs: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -145,8 +148,10 @@ def benchmark_models(
         if value < 1:
             raise ValueError(f"{name} must be at least 1; got {value}")
     torch_device = _check_device(device)
-    resolved_precision = resolve_precision(precision, torch_device.type)
+    resolved_precision = resolve_precision(precision, torch_device.type, img_size)
     parsed = [_with_merge_r(parse_model_spec(spec), merge_r) for spec in specs]
+    for spec in parsed:  # a typo in the last name should fail now, not after building the others
+        check_model_name(spec.name)
     total_steps = len(parsed) * (rounds + 1)
     steps_done = 0
 
@@ -177,11 +182,8 @@ def benchmark_models(
             report(f"round {round_index + 1}/{rounds}: {candidate.spec.label}")
         logger.info("round %d/%d done in %.0f s", round_index + 1, rounds, time.perf_counter() - started)
 
-    rows = [_to_row(c, img_size, batch_size, resolved_precision, torch_device) for c in candidates]
-    reference = rows[0]["throughput_img_s"]
-    for row in rows:
-        row["throughput_ratio"] = round(row["throughput_img_s"] / reference, 3) if reference > 0 else float("nan")
-    return rows
+    reference = statistics.median(candidates[0].throughputs)
+    return [_to_row(c, img_size, batch_size, resolved_precision, torch_device, reference) for c in candidates]
 
 
 def _check_device(device: str) -> torch.device:
@@ -198,15 +200,22 @@ def _check_device(device: str) -> torch.device:
     return torch_device
 
 
+def cpu_busy_percent(interval_s: float = 0.25) -> float:
+    """System-wide CPU use (percent of all cores) over ``interval_s``: other work, when we are idle."""
+    import psutil
+
+    return float(psutil.cpu_percent(interval=interval_s))
+
+
 def _warn_if_busy(device: torch.device) -> None:
     """CPU timings share the cores with whatever else runs; say so when that is a lot."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+    if device.type != "cpu":
         return
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5 * cores:
+    busy = cpu_busy_percent()
+    if busy > 25:
         logger.warning(
-            "the machine has been busy (1-minute load average %.1f on %d cores): other work slows the "
-            "models unevenly and makes latency and throughput unreliable; run on an idle machine", load, cores,
+            "other work is using %.0f%% of this machine's CPU: it slows the models unevenly and makes "
+            "latency and throughput unreliable; run on an idle machine", busy,
         )
 
 
@@ -362,16 +371,19 @@ def _measure_round(candidate: _Candidate, precision: str, latency_iters: int, th
     with _inference(precision, device):
         model(candidate.single_image)  # refill caches after the previous model; untimed
         _synchronize(device)
+        latencies_s = []
         for _ in range(latency_iters):
             start = time.perf_counter()
             model(candidate.single_image)
             _synchronize(device)
-            candidate.latencies_s.append(time.perf_counter() - start)
+            latencies_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(throughput_iters):
             model(candidate.batch)
         _synchronize(device)
         elapsed = time.perf_counter() - start
+    candidate.latency_medians_s.append(statistics.median(latencies_s))
+    candidate.latency_p90s_s.append(_percentile(latencies_s, 90))
     candidate.throughputs.append(throughput_iters * candidate.batch.shape[0] / elapsed)
 
 
@@ -385,9 +397,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _to_row(
-    candidate: _Candidate, img_size: int, batch_size: int, precision: str, device: torch.device
+    candidate: _Candidate,
+    img_size: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    reference_throughput: float,
 ) -> dict[str, Any]:
-    latencies_ms = [1000 * s for s in candidate.latencies_s]
+    throughput = statistics.median(candidate.throughputs)
     row = {
         "model": candidate.spec.label,
         "model_name": candidate.spec.name,
@@ -400,11 +417,11 @@ def _to_row(
         "gflops": round(candidate.gflops, 6),
         "tokens_per_block": candidate.tokens_per_block,
         "tokens_final": candidate.tokens_final,
-        "latency_ms_median": round(statistics.median(latencies_ms), 3),
-        "latency_ms_p90": round(_percentile(latencies_ms, 90), 3),
-        "throughput_img_s": round(statistics.median(candidate.throughputs), 2),
+        "latency_ms_median": round(1000 * statistics.median(candidate.latency_medians_s), 3),
+        "latency_ms_p90": round(1000 * statistics.median(candidate.latency_p90s_s), 3),
+        "throughput_img_s": round(throughput, 2),
         "peak_memory_mb": round(candidate.peak_memory_bytes / 2**20, 1),
-        "throughput_ratio": 1.0,
+        "throughput_ratio": round(throughput / reference_throughput, 3),
     }
     return {field: row[field] for field in ROW_FIELDS}
 
@@ -485,7 +502,7 @@ def _release_free_heap() -> None:
 
 
 def machine_description(device: str = "cpu") -> dict[str, Any]:
-    """Where a benchmark ran: CPU model, cores, threads, torch/timm versions, the device, the load."""
+    """Where a benchmark ran: CPU model, cores, threads, torch/timm versions, the device, CPU use by others."""
     import psutil
     import timm
 
@@ -512,9 +529,9 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
         "timm": timm.__version__,
         "device": str(torch_device),
         "device_name": device_name,
-        # other work on the machine slows every model; a load near or above the core count
-        # means the figures are unreliable (two OpenMP threads waiting on each other)
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        # CPU use by other work when this was called (call it before a benchmark): above a few
+        # percent the timings are unreliable (OpenMP threads end up waiting on each other)
+        "cpu_busy_percent": round(cpu_busy_percent(), 1),
     }
 
 
@@ -588,10 +605,21 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.write(text)
         temporary = Path(handle.name)
     try:
+        # temporary files are created owner-only (0600); give the result the usual file mode
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux), else the usual 022."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 SUMMARY_COLUMNS = {
@@ -613,4 +641,5 @@ def summary_table(rows: Sequence[dict[str, Any]]):
 
     frame = pd.DataFrame([{key: row[key] for key in SUMMARY_COLUMNS} for row in rows])
     frame["tokens_final"] = frame["tokens_final"].astype("Int64")
+    frame = frame.round({"params_m": 2, "gflops": 3, "latency_ms_median": 2, "latency_ms_p90": 2, "throughput_img_s": 1})
     return frame.rename(columns=SUMMARY_COLUMNS)
