@@ -28,6 +28,9 @@ Typical workflow:
 """
 
 
+TRAINING_COMMANDS = {"train", "grid", "demo"}
+
+
 class CommandError(Exception):
     """An error for the user: printed as one line, exit status 2, no traceback."""
 
@@ -45,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool, trains: bool = False) -> None:
     """Our messages at INFO; Lightning's start-up chatter and library deprecation notes only with -v."""
     import warnings
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        if trains:
+            import lightning.pytorch  # noqa: F401  (it sets its own log levels on import; override them after)
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("lightning"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", module=r"lightning\..*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.command in TRAINING_COMMANDS)
     try:
         return int(args._run(args) or 0)
     except (CommandError, FileNotFoundError, ValueError) as error:
