@@ -125,3 +125,29 @@ def test_model_learns_the_synthetic_subtypes(learnable_root, tmp_path):
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["train/loss"].iloc[-1] < metrics["train/loss"].iloc[0]
     assert result.evaluation["accuracy"] > 0.3  # chance is 0.125 for 8 subtypes
+
+
+FAMILIES = [
+    ("tokenlearner_vit_tiny:patch_size=8,num_tokens=4", None),
+    ("tokenmixer_tiny:patch_size=8", None),
+    ("cnnprune_vit_tiny:patch_size=8,keep_ratio=0.5", (2, 3)),
+    ("mixer_tiny:patch_size=8", None),
+    ("convmixer_tiny", None),
+]
+
+
+@pytest.mark.parametrize("model, stages", FAMILIES)
+def test_each_family_trains_on_the_synthetic_set_and_its_loss_falls(learnable_root, tmp_path, model, stages):
+    config = tiny_config(
+        learnable_root, model=model, img_size=32, epochs=4, lr=1e-3, stage_epochs=stages, early_stopping_patience=10
+    )
+    result = train(config, tmp_path / "run")
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    final = metrics[metrics["stage"] == metrics["stage"].max()]
+    assert final["train/loss"].iloc[-1] < final["train/loss"].iloc[0]
+    assert result.evaluation["n_images"] > 0
+    if stages:  # the run folder records both stages, and stage 1's weights
+        assert sorted(metrics["stage"].unique()) == [1, 2]
+        assert list(metrics.groupby("stage").size()) == list(stages)
+        assert (tmp_path / "run" / "checkpoints" / "stage1_final.safetensors").is_file()
+        assert json.loads((tmp_path / "run" / "status.json").read_text())["stages_done"] == [1, 2]

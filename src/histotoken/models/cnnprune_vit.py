@@ -41,14 +41,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from histotoken.layers.topk import select_topk_tokens
-from histotoken.models.pretrained import create_donor, load_donor_weights
+from histotoken.models.pretrained import create_donor, load_donor_weights, model_cfg
 
 __all__ = ["CNNPruneViT", "PatchScorer"]
 
@@ -331,26 +330,10 @@ def _create_cnnprune_vit(
     return model
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "cnnprune_vit_small.untrained": _cfg(),
-        "cnnprune_vit_tiny.untrained": _cfg(),
+        "cnnprune_vit_small.untrained": model_cfg("patch_embed.proj", license="apache-2.0"),
+        "cnnprune_vit_tiny.untrained": model_cfg("patch_embed.proj", license="apache-2.0"),
     }
 )
 

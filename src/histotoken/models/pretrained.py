@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -116,3 +117,20 @@ def load_donor_weights(
     model.load_state_dict(copied, strict=False)
     logger.info("initialised %d of %d tensors of %s from %s", len(copied), len(own), type(model).__name__, donor)
     return sorted(copied)
+
+
+def model_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """timm pretrained-config entry shared by our families: ImageNet normalisation, 224 px, no weights URL."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head",
+        **kwargs,
+    }

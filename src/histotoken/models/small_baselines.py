@@ -19,11 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convmixer import ConvMixer
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.mlp_mixer import checkpoint_filter_fn as mixer_checkpoint_filter_fn
+
+from histotoken.models.pretrained import model_cfg
 
 __all__ = ["TokenCountingConvMixer", "TokenCountingMlpMixer"]
 
@@ -71,24 +72,9 @@ def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> t
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "mixer_tiny": _cfg(first_conv="stem.proj", fixed_input_size=True),
-    "convmixer_tiny": _cfg(first_conv="stem.0"),
+    "mixer_tiny": model_cfg("stem.proj", fixed_input_size=True),
+    "convmixer_tiny": model_cfg("stem.0"),
 })
 
 

@@ -28,14 +28,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
-from histotoken.models.pretrained import load_donor_weights
+from histotoken.models.pretrained import load_donor_weights, model_cfg
 
 __all__ = ["TokenLearnerViT", "make_blocks", "make_head", "make_token_learner", "pool_tokens"]
 
@@ -245,27 +244,9 @@ def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: A
     return model
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "fixed_input_size": True,
-        "paper_ids": "arXiv:2106.11297",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "tokenlearner_vit_small": _cfg(),
-    "tokenlearner_vit_tiny": _cfg(),
+    "tokenlearner_vit_small": model_cfg("patch_embed.proj", fixed_input_size=True, paper_ids="arXiv:2106.11297"),
+    "tokenlearner_vit_tiny": model_cfg("patch_embed.proj", fixed_input_size=True, paper_ids="arXiv:2106.11297"),
 })
 
 # timm models whose pretrained weights initialise the ViT parts when pretrained=True

@@ -31,13 +31,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from histotoken.models.pretrained import load_donor_weights
+from histotoken.models.pretrained import load_donor_weights, model_cfg
 from histotoken.models.tokenlearner_vit import (
     check_global_pool,
     init_weights,
@@ -189,25 +188,9 @@ def _create_tokenmixer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     return model
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "tokenmixer_small": _cfg(),
-    "tokenmixer_tiny": _cfg(),
+    "tokenmixer_small": model_cfg("stem.0"),
+    "tokenmixer_tiny": model_cfg("stem.0"),
 })
 
 # timm models whose pretrained transformer blocks initialise ours when pretrained=True.
