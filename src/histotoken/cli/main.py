@@ -24,7 +24,7 @@ Typical workflow:
   histotoken split data/synthetic --out splits.csv     # patient-disjoint train/val/test
   histotoken train --data data/synthetic --model resnet18 --train-domain 100 --out runs/r18
   histotoken evaluate runs/r18 --domain 400            # cross-magnification test
-  histotoken grid configs/demo.yaml --out study        # many runs + report.html
+  histotoken grid demo.yaml --data data/synthetic --out study   # many runs + report.html
 """
 
 
