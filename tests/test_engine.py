@@ -151,3 +151,14 @@ def test_each_family_trains_on_the_synthetic_set_and_its_loss_falls(learnable_ro
         assert list(metrics.groupby("stage").size()) == list(stages)
         assert (tmp_path / "run" / "checkpoints" / "stage1_final.safetensors").is_file()
         assert json.loads((tmp_path / "run" / "status.json").read_text())["stages_done"] == [1, 2]
+
+
+def test_token_merging_at_test_time_writes_its_own_evaluation(synthetic_root, tmp_path):
+    train(tiny_config(synthetic_root, model="vit_tiny_patch16_224:patch_size=8"), tmp_path / "run")
+    plain = json.loads((tmp_path / "run" / "eval" / "100.json").read_text())
+    merged = evaluate_run(tmp_path / "run", "100", n_bootstrap=0, merge_r=4)
+    assert merged["merge_r"] == 4 and plain["merge_r"] == 0
+    assert (tmp_path / "run" / "eval" / "100__merge_r4.json").is_file()
+    # the run's own evaluation is left as it was
+    assert json.loads((tmp_path / "run" / "eval" / "100.json").read_text()) == plain
+    assert merged["n_images"] == plain["n_images"]

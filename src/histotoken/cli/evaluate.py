@@ -15,6 +15,7 @@ recognition rate) and 95% bootstrap intervals over test patients.
 Examples:
   histotoken evaluate runs/r18_100 --domain 400
   histotoken evaluate runs/r18_100 --domain all --data /mnt/other/copy/of/BreaKHis
+  histotoken evaluate runs/deit_100 --domain 100 --merge-r 8   # token merging on a trained DeiT
 """
 
 
@@ -25,22 +26,25 @@ def add_parser(subparsers):
     parser.add_argument("--data", metavar="DATA_ROOT", help="read images from this copy of the data set instead")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument(
+        "--merge-r", type=int, metavar="N",
+        help="apply token merging (ViT/DeiT) at test time, N tokens per block; written to eval/<domain>__merge_rN.json",
+    )
     return parser
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from histotoken.data.domains import domain_name
-    from histotoken.engine.evaluate import evaluate_run
+    from histotoken.engine.evaluate import eval_path, evaluate_run
 
     for domain in args.domain:
-        result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap)
+        result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
         lo, hi = result["ci95"]["macro_f1"]
         print(
             f"{result['domain']}: macro-F1 {result['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}], accuracy "
             f"{result['accuracy']:.3f}, balanced accuracy {result['balanced_accuracy']:.3f}, patient accuracy "
             f"{result['patient_accuracy']:.3f} ({result['n_images']} images, {result['n_patients']} patients)"
         )
-        print(f"written to {Path(args.run_dir) / 'eval' / (domain_name(domain) + '.json')}")
+        print(f"written to {eval_path(Path(args.run_dir), domain, args.merge_r, result['trained_merge_r'])}")
     return 0

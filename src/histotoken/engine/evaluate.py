@@ -108,8 +108,12 @@ def bootstrap_ci(
     }
 
 
-def load_best_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The run's best weights in a freshly built model; clear errors when they do not fit."""
+def load_best_model(run_dir: Path, merge_r: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's best weights in a freshly built model; clear errors when they do not fit.
+
+    ``merge_r`` overrides the token merging the run was trained with (ToMe works off the shelf on
+    a trained ViT/DeiT: merging changes no weights, only how many tokens each block sees).
+    """
     from safetensors.torch import load_file
 
     from histotoken.models.factory import ModelSpec, create_model
@@ -123,7 +127,7 @@ def load_best_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         )
     meta = read_json(meta_path)
     spec = ModelSpec(meta["model_name"], tuple(sorted(meta.get("model_kwargs", {}).items())))
-    model = create_model(spec, meta["num_classes"], meta["img_size"], merge_r=meta.get("merge_r", 0))
+    model = create_model(spec, meta["num_classes"], meta["img_size"])
     try:
         state = load_file(str(weights_path))
     except Exception as error:
@@ -137,8 +141,14 @@ def load_best_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             f"(as {meta_path} says): {' '.join(first)}. Was the file copied from another run? "
             "Retrain this run or restore its own checkpoint."
         ) from error
+    trained_r = int(meta.get("merge_r", 0) or 0)
+    merge = trained_r if merge_r is None else merge_r
+    if merge:
+        from histotoken.models.token_merging import apply_token_merging
+
+        apply_token_merging(model, merge)
     model.eval()
-    return model, meta
+    return model, {**meta, "eval_merge_r": merge}
 
 
 def _rebase_paths(frame: pd.DataFrame, data_root: str | Path) -> pd.DataFrame:
@@ -172,8 +182,13 @@ def evaluate_run(
     data_root: str | Path | None = None,
     batch_size: int = 64,
     n_bootstrap: int = 1000,
+    merge_r: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the best weights of ``run_dir`` on the test patients at ``domain``; write eval/<domain>.json."""
+    """Evaluate the best weights of ``run_dir`` on the test patients at ``domain``; write eval/<domain>.json.
+
+    With ``merge_r`` (token merging applied at test time, different from training) the result goes
+    to eval/<domain>__merge_r<N>.json instead, so the run's own evaluations stay as they are.
+    """
     from histotoken.data.dataset import ImageStore, class_column
     from histotoken.data.transforms import eval_transform, model_normalisation
 
@@ -181,7 +196,7 @@ def evaluate_run(
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of `histotoken train`")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    model, meta = load_best_model(run_dir)
+    model, meta = load_best_model(run_dir, merge_r)
     split = read_split(run_dir / "splits.csv")
     test = select_domain(split[split["split"] == "test"], domain, f"the test split of {run_dir / 'splits.csv'}")
     if data_root is not None:
@@ -202,7 +217,15 @@ def evaluate_run(
         "train_domain": meta["train_domain"],
         "checkpoint": "checkpoints/best.safetensors",
         "best_epoch": meta.get("epoch"),
+        "merge_r": meta["eval_merge_r"],
+        "trained_merge_r": int(meta.get("merge_r", 0) or 0),
         "skipped_images": [path for path, _ in store.skipped],
     }
-    atomic_write_json(run_dir / "eval" / f"{domain_name(domain)}.json", result)
+    atomic_write_json(eval_path(run_dir, domain, merge_r, meta.get("merge_r", 0)), result)
     return result
+
+
+def eval_path(run_dir: Path, domain: str, merge_r: int | None = None, trained_merge_r: int = 0) -> Path:
+    """eval/<domain>.json, or eval/<domain>__merge_r<N>.json for test-time merging other than trained."""
+    suffix = "" if merge_r is None or merge_r == trained_merge_r else f"__merge_r{merge_r}"
+    return Path(run_dir) / "eval" / f"{domain_name(domain)}{suffix}.json"

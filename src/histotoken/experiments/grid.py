@@ -230,6 +230,8 @@ def collect_results(study_dir: str | Path) -> Path:
     rows = []
     for run in runs.itertuples():
         for eval_file in sorted((study_dir / run.run_dir / "eval").glob("*.json")):
+            if "__" in eval_file.stem:  # extra evaluations, e.g. test-time token merging
+                continue
             result = read_json(eval_file)
             for metric in RESULT_METRICS:
                 low, high = (result.get("ci95", {}).get(metric) or [None, None])
