@@ -1027,7 +1027,8 @@ def build_report(study_dir: Path, out: Path | None = None) -> Path:
     builder = _ReportBuilder(study)
     sections = builder.build()
     banner = SYNTHETIC_BANNER if builder.synthetic else None
-    title = f"histotoken study report: {study_dir.resolve().name}"
+    spec_name = (study.spec or {}).get("name") if isinstance(study.spec, dict) else None
+    title = f"histotoken study report: {spec_name or study_dir.resolve().name}"
 
     figures = _figures(sections)
     for figure in figures:
