@@ -26,19 +26,8 @@ def add_parser(subparsers):
 def run(args) -> int:
     from pathlib import Path
 
-    from histotoken.cli.grid import resolve_spec_path
+    from histotoken.cli.grid import print_outcome, print_run, resolve_spec_path
     from histotoken.experiments.demo import run_demo
 
     spec_path = resolve_spec_path(args.spec or "demo.yaml")
-    outcome = run_demo(Path(args.out), spec_path, on_run=_print_run)
-    failed = outcome.runs[outcome.runs["status"] == "failed"]
-    for row in failed.itertuples():
-        print(f"FAILED {row.run_id}: {row.error}")
-    print(f"\nresults: {outcome.results_csv}")
-    print(f"report:  {outcome.report}  (open it in a browser; it is one self-contained file)")
-    return 1 if len(failed) else 0
-
-
-def _print_run(number, total, run, state):
-    action = "already done" if state == "done" else ("resuming" if state == "partial" else "running")
-    print(f"[{number}/{total}] {run.run_id}: {action}", flush=True)
+    return print_outcome(run_demo(Path(args.out), spec_path, on_run=print_run))

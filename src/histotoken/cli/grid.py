@@ -46,18 +46,24 @@ def run(args) -> int:
         print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(outcome.runs)} runs")
         return 0
 
-    def on_run(number, total, run, state):
-        action = "already done" if state == "done" else ("resuming" if state == "partial" else "running")
-        print(f"[{number}/{total}] {run.run_id}: {action}", flush=True)
-
     print(f"study {spec.name}: {len(expand(spec))} runs -> {args.out}", flush=True)
-    outcome = run_grid(spec, args.out, build_report=not args.no_report, on_run=on_run)
+    outcome = run_grid(spec, args.out, build_report=not args.no_report, on_run=print_run)
+    return print_outcome(outcome)
+
+
+def print_run(number, total, run, state) -> None:
+    action = "already done" if state == "done" else ("resuming" if state == "partial" else "running")
+    print(f"[{number}/{total}] {run.run_id}: {action}", flush=True)
+
+
+def print_outcome(outcome) -> int:
+    """Failed runs, then where the results and the report are; exit status 1 if a run failed."""
     failed = outcome.runs[outcome.runs["status"] == "failed"]
     for row in failed.itertuples():
         print(f"FAILED {row.run_id}: {row.error}")
-    print(f"results: {outcome.results_csv}")
+    print(f"\nresults: {outcome.results_csv}")
     if outcome.report:
-        print(f"report: {outcome.report}")
+        print(f"report:  {outcome.report}  (open it in a browser; it is one self-contained file)")
     return 1 if len(failed) else 0
 
 

@@ -31,10 +31,6 @@ Typical workflow:
 TRAINING_COMMANDS = {"train", "grid", "demo"}
 
 
-class CommandError(Exception):
-    """An error for the user: printed as one line, exit status 2, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histotoken", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.command in TRAINING_COMMANDS)
     try:
         return int(args._run(args) or 0)
-    except (CommandError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:
         # Library code raises ValueError/FileNotFoundError with messages written for users.
         print(f"histotoken {args.command}: error: {error}", file=sys.stderr)
         return 2

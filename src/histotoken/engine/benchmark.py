@@ -506,12 +506,9 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     import psutil
     import timm
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
+    from histotoken.engine.environment import cpu_model
+
+    cpu = cpu_model()
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(torch_device)

@@ -65,19 +65,15 @@ def check_study_folder(study_dir: Path, spec: StudySpec) -> None:
             )
 
 
-def prepare_splits(spec: StudySpec, study_dir: Path) -> dict[str, Path]:
+def prepare_splits(spec: StudySpec, study_dir: Path, index: pd.DataFrame) -> dict[str, Path]:
     """One frozen patient-disjoint split per seed or fold, shared by every run of the study."""
-    from histotoken.data.index import load_index
     from histotoken.data.splits import make_split, write_split
 
     needed = sorted({(run.split_name, run.seed, run.fold) for run in expand(spec)}, key=str)
     paths = {}
-    index = None
     for split_name, seed, fold in needed:
         path = study_dir / "splits" / f"{split_name}.csv"
         if not path.is_file():
-            if index is None:
-                index = load_index(spec.data).frame
             base = spec.base_config()
             split = make_split(
                 index, base.split_scheme, base.val_fraction, base.test_fraction,
@@ -88,11 +84,10 @@ def prepare_splits(spec: StudySpec, study_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def describe_dataset(spec: StudySpec, study_dir: Path) -> dict[str, Any]:
+def describe_dataset(spec: StudySpec, study_dir: Path, result) -> dict[str, Any]:
+    """dataset.json: data root, synthetic or not, images and patients per class x magnification."""
     from histotoken.data.breakhis import is_synthetic
-    from histotoken.data.index import load_index
 
-    result = load_index(spec.data)
     frame = result.frame
     counts = (
         frame.groupby(["tumor_class", "magnification"])
@@ -130,8 +125,11 @@ def run_grid(
     check_study_folder(study_dir, spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "spec.yaml", dump_spec(spec))
-    describe_dataset(spec, study_dir)
-    split_paths = prepare_splits(spec, study_dir)
+    from histotoken.data.index import load_index
+
+    index = load_index(spec.data)  # one scan of the data folder for the whole study
+    describe_dataset(spec, study_dir, index)
+    split_paths = prepare_splits(spec, study_dir, index.frame)
     records = []
     for number, run in enumerate(runs, start=1):
         state = run_state(study_dir, run, spec)

@@ -8,7 +8,6 @@ and in study files as ``NAME`` or ``NAME:key=value,key=value``, e.g.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -175,15 +174,3 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         logger.warning("%s: skipped %d tensors of another shape (e.g. classifier): %s", path, len(skipped), skipped[:4])
     if result.missing_keys:
         logger.warning("%s: %d parameters were not in the file and keep their initial values", path, len(result.missing_keys))
-
-
-def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    """Parameters and, if the model exposes them, token counts of the last forward pass."""
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_block": list(getattr(model, "tokens_per_block", []) or []),
-    }
-
-
-def spec_to_json(spec: ModelSpec) -> str:
-    return json.dumps(spec.kwargs_dict, sort_keys=True)
