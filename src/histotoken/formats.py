@@ -1,0 +1,181 @@
+"""The names of every file, column and metric that one layer writes and another reads.
+
+One module, imported by the engine (which writes run folders), the experiments layer (which
+writes study folders) and the reporting layer (which reads both), so that the three cannot
+drift apart. docs/formats.md describes the content of each file; this module only names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+# --------------------------------------------------------------------------- metrics
+
+# Headline metrics of an evaluation, each with a patient-bootstrap interval in ``ci95``.
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+# Metrics collected into a study's results.csv (headline metrics plus the patient recognition rate).
+RESULT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy")
+# Metric names logged during training (metrics.csv columns and Lightning monitors).
+VAL_MACRO_F1 = "val/macro_f1"
+VAL_ACC = "val/acc"
+VAL_LOSS = "val/loss"
+TRAIN_LOSS = "train/loss"
+
+# --------------------------------------------------------------------------- run folder
+
+CONFIG_FILE = "config.yaml"
+ENVIRONMENT_FILE = "environment.json"
+SPLITS_FILE = "splits.csv"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.csv"
+SKIPPED_FILE = "skipped_images.csv"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+BEST_WEIGHTS = "best.safetensors"
+BEST_META = "best.json"
+EVAL_DIR = "eval"
+# eval/<domain>.json is the run's own evaluation; eval/<domain>__<variant>.json an extra one
+# (e.g. test-time token merging) that study results leave out.
+EVAL_VARIANT_SEPARATOR = "__"
+
+# status.json "state"
+STATE_NEW = "new"
+STATE_RUNNING = "running"
+STATE_FINISHED = "finished"
+STATE_FAILED = "failed"
+STATE_INTERRUPTED = "interrupted"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Every path inside one run folder (``histotoken train --out RUN_DIR``)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def environment(self) -> Path:
+        return self.root / ENVIRONMENT_FILE
+
+    @property
+    def splits(self) -> Path:
+        return self.root / SPLITS_FILE
+
+    @property
+    def status(self) -> Path:
+        return self.root / STATUS_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / SKIPPED_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.checkpoints / LAST_CKPT
+
+    @property
+    def best_weights(self) -> Path:
+        return self.checkpoints / BEST_WEIGHTS
+
+    @property
+    def best_meta(self) -> Path:
+        return self.checkpoints / BEST_META
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / EVAL_DIR
+
+    def eval_file(self, domain: str, variant: str | None = None) -> Path:
+        """eval/<domain>.json, or eval/<domain>__<variant>.json for an extra evaluation."""
+        suffix = f"{EVAL_VARIANT_SEPARATOR}{variant}" if variant else ""
+        return self.eval_dir / f"{domain}{suffix}.json"
+
+    def stage_weights(self, stage: int) -> Path:
+        return self.checkpoints / f"stage{stage}_final.safetensors"
+
+
+def is_variant_evaluation(path: Path) -> bool:
+    """True for eval/<domain>__<variant>.json files, which study results leave out."""
+    return EVAL_VARIANT_SEPARATOR in path.stem
+
+
+# --------------------------------------------------------------------------- study folder
+
+SPEC_FILE = "spec.yaml"
+DATASET_FILE = "dataset.json"
+SPLITS_DIR = "splits"
+RUNS_DIR = "runs"
+RUNS_TABLE = "runs.csv"
+RESULTS_TABLE = "results.csv"
+EFFICIENCY_TABLE = "efficiency.csv"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+FIGURES_DIR = "figures"
+
+RESULT_COLUMNS = (
+    "run_id", "model", "task", "train_domain", "test_domain", "seed", "metric", "value", "ci_low", "ci_high",
+)
+RUNS_COLUMNS = (
+    "run_id", "model", "model_name", "model_kwargs", "task", "train_domain", "seed", "status", "error", "run_dir",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPaths:
+    """Every path inside one study folder (``histotoken grid SPEC --out STUDY_DIR``)."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / SPEC_FILE
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / DATASET_FILE
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / RUNS_DIR
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def split_file(self, split_name: str) -> Path:
+        return self.root / SPLITS_DIR / f"{split_name}.csv"
+
+    @property
+    def runs_table(self) -> Path:
+        return self.root / RUNS_TABLE
+
+    @property
+    def results_table(self) -> Path:
+        return self.root / RESULTS_TABLE
+
+    @property
+    def efficiency_table(self) -> Path:
+        return self.root / EFFICIENCY_TABLE
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / REPORT_HTML
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / REPORT_MD
+
+    @property
+    def figures(self) -> Path:
+        return self.root / FIGURES_DIR
