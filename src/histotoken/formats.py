@@ -39,6 +39,13 @@ EVAL_DIR = "eval"
 # (e.g. test-time token merging) that study results leave out.
 EVAL_VARIANT_SEPARATOR = "__"
 
+# eval/<domain>.predictions.csv: per-image predictions behind eval/<domain>.json, for paired
+# comparisons between runs on the same test images. Columns: path, patient_id, target, prediction
+# (class indices into class_names), then one probability column per class, "prob/<class name>".
+PREDICTIONS_SUFFIX = ".predictions.csv"
+PREDICTION_COLUMNS = ("path", "patient_id", "target", "prediction")
+PROBABILITY_PREFIX = "prob/"
+
 # status.json "state"
 STATE_NEW = "new"
 STATE_RUNNING = "running"
@@ -101,6 +108,11 @@ class RunPaths:
         """eval/<domain>.json, or eval/<domain>__<variant>.json for an extra evaluation."""
         suffix = f"{EVAL_VARIANT_SEPARATOR}{variant}" if variant else ""
         return self.eval_dir / f"{domain}{suffix}.json"
+
+    def predictions_file(self, domain: str, variant: str | None = None) -> Path:
+        """eval/<domain>.predictions.csv: one row per test image (see PREDICTION_COLUMNS)."""
+        suffix = f"{EVAL_VARIANT_SEPARATOR}{variant}" if variant else ""
+        return self.eval_dir / f"{domain}{suffix}{PREDICTIONS_SUFFIX}"
 
     def stage_weights(self, stage: int) -> Path:
         return self.checkpoints / f"stage{stage}_final.safetensors"
