@@ -46,6 +46,12 @@ PREDICTIONS_SUFFIX = ".predictions.csv"
 PREDICTION_COLUMNS = ("path", "patient_id", "target", "prediction")
 PROBABILITY_PREFIX = "prob/"
 
+# Grid claims (histotoken.experiments.locks): claim.json exists while one worker owns the run
+# (host, pid, start time; its mtime is the heartbeat); attempts.jsonl gets one line per claim
+# that went on to train/evaluate, written only by the claim's holder.
+CLAIM_FILE = "claim.json"
+ATTEMPTS_FILE = "attempts.jsonl"
+
 # status.json "state"
 STATE_NEW = "new"
 STATE_RUNNING = "running"
@@ -114,6 +120,14 @@ class RunPaths:
         suffix = f"{EVAL_VARIANT_SEPARATOR}{variant}" if variant else ""
         return self.eval_dir / f"{domain}{suffix}{PREDICTIONS_SUFFIX}"
 
+    @property
+    def claim(self) -> Path:
+        return self.root / CLAIM_FILE
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / ATTEMPTS_FILE
+
     def stage_weights(self, stage: int) -> Path:
         return self.checkpoints / f"stage{stage}_final.safetensors"
 
@@ -135,6 +149,7 @@ EFFICIENCY_TABLE = "efficiency.csv"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 FIGURES_DIR = "figures"
+SUBMITIT_DIR = "submitit"  # submitit's job scripts, pickles and logs (grid --launcher slurm|submitit-local)
 
 RESULT_COLUMNS = (
     "run_id", "model", "task", "train_domain", "test_domain", "seed", "metric", "value", "ci_low", "ci_high",
@@ -191,3 +206,7 @@ class StudyPaths:
     @property
     def figures(self) -> Path:
         return self.root / FIGURES_DIR
+
+    @property
+    def submitit(self) -> Path:
+        return self.root / SUBMITIT_DIR
