@@ -30,13 +30,22 @@ __all__ = ["TokenCountingConvMixer", "TokenCountingMlpMixer"]
 
 
 class TokenCountingMlpMixer(MlpMixer):
-    """timm's MlpMixer; every mixer block processes all N patch tokens (no class token)."""
+    """timm's MlpMixer; every mixer block processes all N patch tokens (no class token).
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward_features(x)  # (B, N, C)
-        self.tokens_per_block = [x.shape[1]] * len(self.blocks)
-        self.token_info: dict[str, torch.Tensor] = {}
-        return x
+    The token counts follow from the architecture, so they are properties rather than attributes
+    written during ``forward``: the forward pass stays timm's own, which TorchScript and FX can
+    compile (both skip the properties).
+    """
+
+    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        return [int(self.stem.num_patches)] * len(self.blocks)
+
+    @property
+    def token_info(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 class TokenCountingConvMixer(ConvMixer):
@@ -45,13 +54,18 @@ class TokenCountingConvMixer(ConvMixer):
     ``img_size`` is accepted (and ignored) so that every histotoken family is built the same way.
     """
 
+    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
+
     def __init__(self, *args: Any, img_size: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.tokens_per_block: list[int] = []
-        self.token_info: dict[str, torch.Tensor] = {}
-        return super().forward_features(x)  # (B, C, H, W)
+    @property
+    def tokens_per_block(self) -> list[int]:
+        return []
+
+    @property
+    def token_info(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:

@@ -1,0 +1,39 @@
+"""Each registered family satisfies the engine-hook protocols it claims; a plain timm CNN claims none."""
+
+import pytest
+import timm
+
+import histotoken  # noqa: F401  (registers our families)
+from histotoken.models.protocol import CustomLoss, StagedTraining, TokenReporting
+
+# the protocols each family claims (what the engine may rely on)
+CLAIMS = {
+    "cnnprune_vit_tiny": {CustomLoss, StagedTraining, TokenReporting},
+    "tokenlearner_vit_tiny": {TokenReporting},
+    "tokenmixer_tiny": {TokenReporting},
+    "mixer_tiny": {TokenReporting},
+    "convmixer_tiny": {TokenReporting},
+}
+PROTOCOLS = (CustomLoss, StagedTraining, TokenReporting)
+
+
+def _build(name):
+    return timm.create_model(name, num_classes=3, img_size=64) if name != "resnet18" else timm.create_model(name)
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_family_satisfies_the_protocols_it_claims_before_any_forward_pass(name):
+    model = _build(name)
+    claimed = CLAIMS[name]
+    for protocol in PROTOCOLS:
+        assert isinstance(model, protocol) == (protocol in claimed), protocol.__name__
+
+
+def test_staged_family_declares_an_integer_stage_count():
+    model = _build("cnnprune_vit_tiny")
+    assert isinstance(model.num_stages, int) and model.num_stages == 2
+
+
+def test_plain_timm_resnet_claims_no_hook():
+    model = timm.create_model("resnet18", num_classes=3)
+    assert not any(isinstance(model, protocol) for protocol in PROTOCOLS)
