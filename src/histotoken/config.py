@@ -17,6 +17,7 @@ import yaml
 
 TASKS = ("binary", "subtype")
 BALANCING = ("none", "class_weights", "sampler")
+LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +39,36 @@ class RunConfig:
     stage_epochs: tuple[int, ...] | None = None  # for multi-stage models, e.g. (3, 12)
     batch_size: int = 32
     lr: float = 3e-4
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # not applied to norms, biases, position embeddings or class tokens
+    layer_decay: float | None = None  # layer-wise lr decay for fine-tuning ViTs (e.g. 0.65), timm style
     warmup_epochs: int = 1
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     early_stopping_patience: int = 10
     balancing: str = "none"  # none, class_weights, sampler
     precision: str = "auto"  # auto, 32-true, bf16-mixed, 16-mixed
-    accelerator: str = "auto"
-    devices: str = "auto"
+    accelerator: str = "auto"  # auto (a GPU when there is one), cpu, gpu
+    devices: str = "auto"  # how many devices (e.g. 2), or auto
+    strategy: str = "auto"  # Lightning strategy: auto, ddp (torchrun and SLURM are detected), ...
+    num_nodes: int = 1
     num_workers: int = 0
     seed: int = 0
     pretrained: bool = False
     weights: str | None = None
     merge_r: int = 0
-    bootstrap: int = 1000  # resamples of test patients for the 95% intervals
+    bootstrap: int = 1000  # resamples of test patients for the 95% intervals (0: no intervals)
+    logger: str = "none"  # extra experiment logger: none, csv, tensorboard, mlflow, wandb
+    logger_uri: str | None = None  # mlflow tracking URI (default: a file store in the run folder)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
         if self.balancing not in BALANCING:
             raise ValueError(f"balancing must be one of {BALANCING}; got {self.balancing!r}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {LOGGERS}; got {self.logger!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], e.g. 0.65; got {self.layer_decay}")
         for name in ("img_size", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
