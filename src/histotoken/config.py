@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-TASKS = ("binary", "subtype")
+TASKS = ("binary", "subtype", "classes")  # classes: the data's own classes (ImageFolder, CIFAR-10, tiles)
+DATA_FORMATS = ("auto", "breakhis", "imagefolder", "cifar10", "tiles")
 BALANCING = ("none", "class_weights", "sampler")
 LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
 
@@ -24,7 +25,9 @@ LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
 class RunConfig:
     """Everything that defines one training run (written to RUN_DIR/config.yaml)."""
 
-    data: str = ""  # folder holding BreaKHis_v1 (or below it)
+    data: str = ""  # folder holding BreaKHis_v1 (or below it), an ImageFolder tree, CIFAR-10 binary or WSI tiles
+    data_format: str = "auto"  # auto (detected from the folder), breakhis, imagefolder, cifar10, tiles
+    groups: str | None = None  # ImageFolder: CSV image,group (patient) for grouped splits; default ROOT/groups.csv
     model: str = "resnet18"  # timm name, optionally NAME:key=value,...
     task: str = "binary"  # binary (benign/malignant) or subtype (8 classes)
     train_domain: str = "all"  # 40, 100, 200, 400, 100+400, all
@@ -63,6 +66,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS}; got {self.data_format!r}")
         if self.balancing not in BALANCING:
             raise ValueError(f"balancing must be one of {BALANCING}; got {self.balancing!r}")
         if self.logger not in LOGGERS:
