@@ -19,6 +19,8 @@ TASKS = ("binary", "subtype", "classes")  # classes: the data's own classes (Ima
 DATA_FORMATS = ("auto", "breakhis", "imagefolder", "cifar10", "tiles")
 BALANCING = ("none", "class_weights", "sampler")
 LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
+STAIN_NORMS = ("none", "macenko", "reinhard", "vahadane")  # see data/stain.py
+STAIN_AUGMENTS = ("none", "hed")  # see data/transforms.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,9 @@ class RunConfig:
     folds: int | None = None
     fold: int = 0
     img_size: int = 224
+    stain_norm: str = "none"  # none, macenko, reinhard (vahadane: not in torchstain yet): once, in the store
+    stain_target: str | None = None  # the target H&E image of stain_norm (saved in the run folder)
+    stain_augment: str = "none"  # none, hed (Tellez et al. 2018 HED jitter in training)
     epochs: int = 30
     stage_epochs: tuple[int, ...] | None = None  # for multi-stage models, e.g. (3, 12)
     batch_size: int = 32
@@ -70,6 +75,10 @@ class RunConfig:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}; got {self.data_format!r}")
         if self.balancing not in BALANCING:
             raise ValueError(f"balancing must be one of {BALANCING}; got {self.balancing!r}")
+        if self.stain_norm not in STAIN_NORMS:
+            raise ValueError(f"stain_norm must be one of {STAIN_NORMS}; got {self.stain_norm!r}")
+        if self.stain_augment not in STAIN_AUGMENTS:
+            raise ValueError(f"stain_augment must be one of {STAIN_AUGMENTS}; got {self.stain_augment!r}")
         if self.logger not in LOGGERS:
             raise ValueError(f"logger must be one of {LOGGERS}; got {self.logger!r}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:

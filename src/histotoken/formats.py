@@ -30,6 +30,9 @@ SPLITS_FILE = "splits.csv"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.csv"
 SKIPPED_FILE = "skipped_images.csv"
+# Stain normalisation (data/stain.py): the target image as a lossless PNG, and its fitted parameters.
+STAIN_TARGET_FILE = "stain_target.png"
+STAIN_FILE = "stain.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 BEST_WEIGHTS = "best.safetensors"
@@ -89,6 +92,14 @@ class RunPaths:
     @property
     def skipped(self) -> Path:
         return self.root / SKIPPED_FILE
+
+    @property
+    def stain_target(self) -> Path:
+        return self.root / STAIN_TARGET_FILE
+
+    @property
+    def stain(self) -> Path:
+        return self.root / STAIN_FILE
 
     @property
     def checkpoints(self) -> Path:
