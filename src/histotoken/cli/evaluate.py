@@ -25,7 +25,7 @@ def add_parser(subparsers):
     parser.add_argument("--domain", required=True, action="append", help="test domain; repeat for several")
     parser.add_argument("--data", metavar="DATA_ROOT", help="read images from this copy of the data set instead")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of test patients for the 95%% intervals (0: no intervals)")
     parser.add_argument(
         "--merge-r", type=int, metavar="N",
         help="apply token merging (ViT/DeiT) at test time, N tokens per block; written to eval/<domain>__merge_rN.json",
@@ -40,9 +40,12 @@ def run(args) -> int:
 
     for domain in args.domain:
         result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
-        lo, hi = result["ci95"]["macro_f1"]
+        interval = ""
+        if result["ci95"]:
+            lo, hi = result["ci95"]["macro_f1"]
+            interval = f" [{lo:.3f}, {hi:.3f}]"
         print(
-            f"{result['domain']}: macro-F1 {result['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}], accuracy "
+            f"{result['domain']}: macro-F1 {result['macro_f1']:.3f}{interval}, accuracy "
             f"{result['accuracy']:.3f}, balanced accuracy {result['balanced_accuracy']:.3f}, patient accuracy "
             f"{result['patient_accuracy']:.3f} ({result['n_images']} images, {result['n_patients']} patients)"
         )

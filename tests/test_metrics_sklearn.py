@@ -1,0 +1,85 @@
+"""Headline metrics equal scikit-learn's on random image sets and inside bootstrap resamples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from histotoken.engine.evaluate import bootstrap_resamples, compute_metrics
+from histotoken.engine.metrics import headline_metrics
+
+
+def sklearn_metrics(y_true, y_pred) -> dict[str, float]:
+    import warnings
+
+    with warnings.catch_warnings():  # classes only predicted: sklearn warns, then counts them as it documents
+        warnings.simplefilter("ignore")
+        return {
+            "accuracy": accuracy_score(y_true, y_pred),
+            "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
+            "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+        }
+
+
+def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """A random image set: 2-60 images, 1-8 classes, often with classes missing from labels or predictions."""
+    num_classes = int(rng.integers(1, 9))
+    n = int(rng.integers(2, 61))
+    label_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
+    pred_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
+    y_true = rng.choice(label_classes, n)
+    y_pred = np.where(rng.random(n) < rng.random(), y_true, rng.choice(pred_classes, n))
+    return y_true, y_pred, num_classes
+
+
+def test_the_issue_example_gives_sklearn_balanced_accuracy():
+    # class 2 is predicted once but never a label: sklearn gives (2/3 + 1) / 2, not (2/3 + 1 + 0) / 3
+    result = headline_metrics(torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 2, 1, 1, 1]), 3)
+    assert float(result["balanced_accuracy"][0]) == pytest.approx(0.8333333)
+    assert float(result["balanced_accuracy"][0]) == pytest.approx(
+        balanced_accuracy_score([0, 0, 0, 1, 1, 1], [0, 0, 2, 1, 1, 1])
+    )
+
+
+@pytest.mark.parametrize("seed", range(250))
+def test_headline_metrics_equal_sklearn_on_random_cases(seed):
+    y_true, y_pred, num_classes = random_case(np.random.default_rng(seed))
+    ours = {k: float(v[0]) for k, v in headline_metrics(torch.as_tensor(y_true), torch.as_tensor(y_pred), num_classes).items()}
+    assert ours == pytest.approx(sklearn_metrics(y_true, y_pred), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "y_true, y_pred",
+    [
+        ([1, 1, 1], [1, 1, 1]),  # a single class, all correct
+        ([1, 1, 1], [0, 2, 1]),  # a single class in the labels, others predicted
+        ([0, 1], [1, 0]),  # two images, both wrong
+        ([3, 3], [3, 3]),  # two images of the last class
+    ],
+)
+def test_headline_metrics_equal_sklearn_on_edge_cases(y_true, y_pred):
+    ours = {k: float(v[0]) for k, v in headline_metrics(torch.tensor(y_true), torch.tensor(y_pred), 4).items()}
+    assert ours == pytest.approx(sklearn_metrics(y_true, y_pred), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_bootstrap_resample_equals_sklearn_on_that_resample(seed):
+    rng = np.random.default_rng(100 + seed)
+    y_true, y_pred, num_classes = random_case(rng)
+    patients = rng.choice([f"p{i}" for i in range(6)], len(y_true))
+    rows = bootstrap_resamples(patients, n_bootstrap=40, seed=seed)  # (R, width) image indices, -1 padding
+    truth = torch.as_tensor(np.where(rows < 0, -1, y_true[rows]))
+    predicted = torch.as_tensor(np.where(rows < 0, 0, y_pred[rows]))
+    batch = headline_metrics(truth, predicted, num_classes)
+    for r, row in enumerate(rows):
+        picked = row[row >= 0]
+        expected = sklearn_metrics(y_true[picked], y_pred[picked])
+        assert {k: float(v[r]) for k, v in batch.items()} == pytest.approx(expected, abs=1e-6)
+
+
+def test_bootstrap_zero_gives_no_intervals():
+    result = compute_metrics([0, 1, 1, 0], [0, 1, 0, 0], ["a", "a", "b", "b"], ["x", "y"], n_bootstrap=0)
+    assert result["ci95"] is None
+    assert result["n_bootstrap"] == 0
