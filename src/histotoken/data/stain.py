@@ -1,0 +1,225 @@
+"""Stain normalisation with torchstain, applied once to every image when the decoded store is built.
+
+Stain colour varies between labs and scanners. A normaliser is fitted once on a target image
+and then maps each image's stain appearance onto the target's:
+
+- Macenko et al. (2009), "A method for normalizing histology slides for quantitative analysis",
+  ISBI: the two stain vectors (haematoxylin, eosin) are estimated per image in optical-density
+  space and the image is re-synthesised with the target's vectors and maximum concentrations;
+- Reinhard et al. (2001), "Color transfer between images", IEEE CG&A: each LAB channel's mean and
+  standard deviation are matched to the target's.
+
+Both come from ``torchstain`` (PyTorch backend); this module only adds what the toolkit needs
+around them: a content key for the store cache, a check that an image has tissue to fit (a blank
+or background-only tile is left unnormalised with a warning naming it), and saving the target and
+its fitted parameters in the run folder so that evaluation normalises test images the same way.
+Vahadane et al. (2016) is named by the issue but torchstain's PyTorch backend does not provide it
+(torchstain 1.4 has Macenko, multi-target Macenko and Reinhard); asking for it is a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histotoken.formats import RunPaths
+from histotoken.io import atomic_write_bytes, atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+# Choices of RunConfig.stain_norm (config.py repeats them for validation without importing torch).
+STAIN_NORM_METHODS = ("none", "macenko", "reinhard", "vahadane")
+# torchstain's transmitted-light intensity and transparency threshold (its own defaults): a pixel
+# is tissue when its optical density is at least BETA in every channel.
+LIGHT_INTENSITY = 240
+TISSUE_OD_THRESHOLD = 0.15
+# An image with less tissue than this share of its pixels is not fitted (left unnormalised).
+MIN_TISSUE_FRACTION = 0.01
+
+
+class StainFitError(RuntimeError):
+    """The stain model could not be fitted on an image (blank or background-only)."""
+
+
+def tissue_fraction(image: torch.Tensor) -> float:
+    """Share of pixels of a (3, H, W) uint8 image that are stained tissue (Macenko's criterion)."""
+    optical_density = -torch.log((image.reshape(3, -1).float() + 1) / LIGHT_INTENSITY)  # (3, H*W)
+    return float((optical_density >= TISSUE_OD_THRESHOLD).all(dim=0).float().mean())
+
+
+class StainNormaliser:
+    """A fitted torchstain normaliser as a picklable callable on (3, H, W) uint8 tensors.
+
+    ``normaliser(image, source)`` returns the normalised image (same shape, uint8). When the
+    stain model cannot be fitted on ``image`` (too little tissue, or a degenerate fit) the image
+    is returned unchanged and a warning names ``source`` (a file path where the caller has one).
+    ``key`` names the method, the torchstain version and a hash of the target's pixels, for cache
+    keys of stores built with this normaliser.
+    """
+
+    def __init__(self, method: str, target: torch.Tensor, target_name: str = "the stain target") -> None:
+        import torchstain
+
+        version = _torchstain_version()
+        if method == "vahadane":
+            raise ValueError(
+                f"stain normalisation 'vahadane' is not available in torchstain {version} "
+                "(its PyTorch backend has macenko and reinhard); choose --stain-norm macenko or reinhard"
+            )
+        if method not in ("macenko", "reinhard"):
+            raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_NORM_METHODS[1:]}")
+        _check_image(target, target_name)
+        self.method = method
+        self.target = target
+        if method == "macenko":
+            self._normaliser = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+        else:
+            self._normaliser = torchstain.normalizers.ReinhardNormalizer(backend="torch")
+        try:
+            self._fit(target)
+        except StainFitError as error:
+            raise ValueError(
+                f"{target_name} cannot serve as a stain target ({error}); choose an H&E image that shows tissue"
+            ) from None
+        digest = hashlib.sha256(f"{tuple(target.shape)}".encode() + target.contiguous().numpy().tobytes())
+        self.key = f"{method}-torchstain{version}-{digest.hexdigest()[:16]}"
+
+    def _fit(self, target: torch.Tensor) -> None:
+        fraction = tissue_fraction(target)
+        if fraction < MIN_TISSUE_FRACTION:
+            raise StainFitError(f"only {fraction:.1%} of its pixels are tissue, fewer than {MIN_TISSUE_FRACTION:.0%}")
+        try:
+            self._normaliser.fit(target)
+        except (RuntimeError, IndexError) as error:
+            raise StainFitError(f"torchstain could not fit it: {error}") from None
+        if not all(torch.isfinite(value).all() for value in self.parameters().values()):
+            raise StainFitError("the fitted stain parameters are not finite")
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The fitted target parameters: Macenko's stain matrix and maximum concentrations, or LAB statistics."""
+        if self.method == "macenko":
+            # HE: (3, 2) optical-density stain vectors (R, G, B) of haematoxylin and eosin, as columns.
+            return {"stain_matrix_he": self._normaliser.HERef, "max_concentrations": self._normaliser.maxCRef}
+        return {"lab_means": self._normaliser.target_means, "lab_stds": self._normaliser.target_stds}
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """Normalise one (3, H, W) uint8 image; raises StainFitError when it cannot be fitted."""
+        fraction = tissue_fraction(image)
+        if fraction < MIN_TISSUE_FRACTION:
+            raise StainFitError(f"only {fraction:.1%} of its pixels are tissue, fewer than {MIN_TISSUE_FRACTION:.0%}")
+        try:
+            if self.method == "macenko":
+                result, _, _ = self._normaliser.normalize(image, Io=LIGHT_INTENSITY, stains=False)  # (H, W, 3) int
+            else:
+                result = self._normaliser.normalize(image)  # (H, W, 3) uint8
+        except (RuntimeError, IndexError) as error:
+            raise StainFitError(f"torchstain could not fit it: {error}") from None
+        result = result.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        # torchstain casts to integers itself: a degenerate fit (NaN) shows up as out-of-range values.
+        if self.method == "macenko" and (result.min() < 0 or result.max() > 255):
+            raise StainFitError("the fitted stain concentrations are not finite")
+        return result.to(torch.uint8).contiguous()
+
+    def __call__(self, image: torch.Tensor, source: str | None = None) -> torch.Tensor:
+        try:
+            return self.normalise(image)
+        except StainFitError as error:
+            logger.warning(
+                "stain normalisation (%s) left %s unnormalised: %s",
+                self.method, source or f"an image of shape {tuple(image.shape)}", error,
+            )
+            return image
+
+    def save(self, target_image: Path, parameters_file: Path, target_source: str = "") -> None:
+        """Write the target's pixels (lossless PNG) and its fitted parameters (JSON) into a run folder."""
+        from torchvision.io import encode_png
+
+        atomic_write_bytes(target_image, encode_png(self.target).numpy().tobytes())
+        atomic_write_json(
+            parameters_file,
+            {
+                "method": self.method,
+                "key": self.key,
+                "target_image": target_image.name,
+                "target_source": target_source,
+                "light_intensity": LIGHT_INTENSITY,
+                "tissue_od_threshold": TISSUE_OD_THRESHOLD,
+                "min_tissue_fraction": MIN_TISSUE_FRACTION,
+                **{name: value.tolist() for name, value in self.parameters().items()},
+            },
+        )
+
+
+def _torchstain_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchstain")  # torchstain.__version__ lags behind its releases
+
+
+def _check_image(image: torch.Tensor, name: str) -> None:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"{name} must be a (3, H, W) uint8 RGB image; got {image.dtype} {tuple(image.shape)}")
+
+
+def read_target(path: str | Path) -> torch.Tensor:
+    """Decode a stain target image to a (3, H, W) uint8 RGB tensor, with errors naming the file."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"stain target image {path} does not exist; give --stain-target an H&E image file")
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ValueError(f"cannot decode stain target image {path}: {error}; give a PNG, JPEG or TIFF image") from None
+
+
+def make_stain_normaliser(method: str, target_path: str | Path) -> tuple[StainNormaliser, str]:
+    """A normaliser fitted on the image at ``target_path``, and its store cache key.
+
+    The normaliser maps a (3, H, W) uint8 tensor to a uint8 tensor of the same shape; call it as
+    ``normaliser(image, source=path)`` so that a warning about an unfittable image names the file.
+    """
+    if method not in STAIN_NORM_METHODS or method == "none":
+        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_NORM_METHODS[1:]}")
+    normaliser = StainNormaliser(method, read_target(target_path), f"stain target {target_path}")
+    return normaliser, normaliser.key
+
+
+def run_stain_normaliser(
+    method: str, target_path: str | Path | None, run_dir: str | Path
+) -> tuple[StainNormaliser | None, str]:
+    """The run's stain normaliser and store key; ``(None, "")`` when ``method`` is ``none``.
+
+    The first call of a run fits on ``target_path`` and saves the target and its fitted
+    parameters in the run folder (RunPaths.stain_target, RunPaths.stain); later calls (a resumed
+    run, an evaluation) fit on the saved copy, so the run folder alone reproduces it.
+    """
+    if method == "none":
+        return None, ""
+    paths = RunPaths(Path(run_dir))
+    if paths.stain_target.is_file():
+        saved = _read_saved_method(paths.stain)
+        if saved is not None and saved != method:
+            raise ValueError(
+                f"{paths.stain} records stain normalisation {saved!r}, not {method!r}; "
+                "use a new run folder for another method"
+            )
+        return make_stain_normaliser(method, paths.stain_target)
+    if not target_path:
+        raise ValueError(
+            f"stain normalisation {method!r} needs a target image: give --stain-target IMAGE "
+            f"(or stain_target: in the config); {paths.stain_target} does not exist either"
+        )
+    normaliser, key = make_stain_normaliser(method, target_path)
+    normaliser.save(paths.stain_target, paths.stain, str(Path(target_path).expanduser().resolve()))
+    logger.info("stain target %s (%s) saved as %s", target_path, method, paths.stain_target)
+    return normaliser, key
+
+
+def _read_saved_method(path: Path) -> Any:
+    return read_json(path).get("method") if path.is_file() else None
