@@ -13,7 +13,21 @@ per model, side by side in one process. Writes STUDY_DIR/results.csv (one row pe
 domain x metric) and STUDY_DIR/report.html.
 
 Re-running the same command skips finished runs and resumes an interrupted one; a run that
-fails is recorded with its error and the grid goes on. --dry-run lists what would run.
+fails is recorded with its error and the grid goes on; Ctrl-C or SIGTERM stops the grid.
+--dry-run lists what would run.
+
+Clusters and several machines:
+  --launcher slurm       one SLURM job per pending run (a job array through submitit), a GPU per
+                         task; partition, time and memory from the spec's `launcher:` block or the
+                         flags below. Waits and collects, or returns at once with --no-wait.
+  --launcher submitit-local   the same jobs as local processes, --parallel at a time (default 2).
+  --shard I/N            run only runs I, I+N, I+2N, ... of the run list sorted by run id
+                         (0 <= I < N), e.g. one Kubernetes indexed job or one machine each.
+  Any number of such workers may share one study folder (on a shared file system): a run is
+  claimed atomically (RUN_DIR/claim.json) before it is worked on, so it is trained once; a claim
+  whose worker died is taken over after --claim-timeout-min without a heartbeat (sooner on the
+  same host once its process is gone). When every worker has ended, rebuild the tables and the
+  report with --collect.
 
 Study files shipped with histotoken (see configs/): demo.yaml, magnification_study.yaml,
 token_efficiency_study.yaml.
@@ -21,6 +35,9 @@ token_efficiency_study.yaml.
 Examples:
   histotoken grid configs/magnification_study.yaml --data ~/data/BreaKHis --out studies/mag
   histotoken grid configs/magnification_study.yaml --data ~/data/BreaKHis --out studies/mag --dry-run
+  histotoken grid configs/magnification_study.yaml --out studies/mag --launcher slurm --partition gpu --no-wait
+  histotoken grid configs/magnification_study.yaml --out studies/mag --shard 2/8    # worker 2 of 8
+  histotoken grid configs/magnification_study.yaml --out studies/mag --collect      # tables + report
 """
 
 
@@ -31,24 +48,94 @@ def add_parser(subparsers):
     parser.add_argument("--data", metavar="DATA_ROOT", help="data root (overrides the file's 'data:')")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     parser.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
+    parser.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
+                        help="where runs execute (default local: one after another in this process)")
+    parser.add_argument("--shard", metavar="I/N", help="run only this worker's share of the runs (0 <= I < N)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rebuild runs.csv, results.csv and the report from the run folders")
+    parser.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
+    cluster = parser.add_argument_group("job resources (override the spec's launcher: block)")
+    cluster.add_argument("--partition", help="SLURM partition")
+    cluster.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per run (default 1)")
+    cluster.add_argument("--timeout-min", type=int, metavar="MIN", help="time limit per run (default 1440)")
+    cluster.add_argument("--mem-gb", type=float, metavar="GB", help="memory per run")
+    cluster.add_argument("--cpus-per-task", type=int, metavar="N", help="CPU cores per run (default 8)")
+    cluster.add_argument("--parallel", type=int, metavar="N",
+                         help="runs at once (slurm: array parallelism; submitit-local: default 2)")
+    cluster.add_argument("--claim-timeout-min", type=float, metavar="MIN",
+                         help="a claim without a heartbeat for this long is taken over (default 10)")
     return parser
 
 
 def run(args) -> int:
-    from histotoken.experiments.grid import run_grid
+    from histotoken.experiments.grid import collect_study, run_grid
+    from histotoken.experiments.launch import launcher_settings, parse_shard, shard_runs
     from histotoken.experiments.spec import expand, load_spec
 
-    spec = load_spec(resolve_spec_path(args.spec), args.data)
+    spec_path = resolve_spec_path(args.spec)
+    spec = load_spec(spec_path, args.data)
+    shard = parse_shard(args.shard) if args.shard else None
+    overrides = {
+        "partition": args.partition, "gpus_per_task": args.gpus_per_task, "timeout_min": args.timeout_min,
+        "mem_gb": args.mem_gb, "cpus_per_task": args.cpus_per_task, "parallel": args.parallel,
+        "claim_timeout_min": args.claim_timeout_min,
+    }
+    settings = launcher_settings(spec.launcher, overrides, str(spec_path))
+    if args.collect:
+        print(f"collecting study {spec.name} from {args.out}/runs", flush=True)
+        return print_outcome(collect_study(spec, args.out, build_report=not args.no_report))
     if args.dry_run:
-        outcome = run_grid(spec, args.out, dry_run=True)
+        outcome = run_grid(spec, args.out, dry_run=True, shard=shard, claim_timeout_s=settings.claim_timeout_s)
         print(outcome.runs.to_string(index=False))
         counts = outcome.runs["state"].value_counts()
         print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(outcome.runs)} runs")
         return 0
+    if args.no_wait and args.launcher != "slurm":
+        raise ValueError("--no-wait needs --launcher slurm (local runs are processes of this command)")
 
-    print(f"study {spec.name}: {len(expand(spec))} runs -> {args.out}", flush=True)
-    outcome = run_grid(spec, args.out, build_report=not args.no_report, on_run=print_run)
+    runs = shard_runs(expand(spec), shard)
+    share = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    print(f"study {spec.name}: {len(runs)} runs{share} -> {args.out}", flush=True)
+    if args.launcher != "local":
+        return launch(spec, args, runs, settings)
+    outcome = run_grid(
+        spec, args.out, build_report=not args.no_report, on_run=print_run, shard=shard,
+        collect=shard is None, claim_timeout_s=settings.claim_timeout_s,
+    )
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]} done. When every shard has ended: "
+              f"histotoken grid {args.spec} --out {args.out} --collect")
+        return 1 if (outcome.runs["status"] == "failed").any() else 0
     return print_outcome(outcome)
+
+
+def launch(spec, args, runs, settings) -> int:
+    """Submit the pending runs as submitit jobs; wait and collect, or print how to collect later."""
+    from histotoken.experiments.grid import collect_study, prepare_study, run_state
+    from histotoken.experiments.launch import launch_runs
+
+    prepare_study(spec, args.out)  # splits exist before any job starts
+    states = {run.run_id: run_state(args.out, run, spec, settings.claim_timeout_s) for run in runs}
+    pending = [run for run in runs if states[run.run_id] not in ("done", "claimed")]
+    print(f"{len(runs) - len(pending)} runs done or claimed elsewhere; submitting {len(pending)} "
+          f"({args.launcher})", flush=True)
+    ended = []
+
+    def on_done(item, result, error) -> None:
+        ended.append(item)
+        what = error or (result["outcome"] + (f": {result['error']}" if result.get("error") else ""))
+        print(f"[{len(ended)}/{len(pending)}] job {item.job_id} {item.run.run_id}: {what}", flush=True)
+
+    submitted = launch_runs(
+        spec, args.out, pending, args.launcher, settings, wait=not args.no_wait,
+        on_submit=lambda item: print(f"submitted job {item.job_id}: {item.run.run_id}", flush=True),
+        on_done=on_done,
+    )
+    if args.no_wait:
+        print(f"\n{len(submitted)} jobs submitted (logs in {args.out}/submitit). When they have ended:\n"
+              f"  histotoken grid {args.spec} --out {args.out} --collect")
+        return 0
+    return print_outcome(collect_study(spec, args.out, build_report=not args.no_report))
 
 
 def print_run(number, total, run, state) -> None:

@@ -1,8 +1,14 @@
 """Run a study: one frozen split per seed/fold, one run folder per (model, task, domain, seed).
 
 Resumable: finished runs are skipped, an interrupted run resumes from its last.ckpt, a run that
-fails is recorded with its error and the grid goes on. Results are collected from the run
-folders' eval files into STUDY_DIR/results.csv (tidy), written atomically.
+fails is recorded with its error (in its own status.json) and the grid goes on; an interrupted
+run (Ctrl-C, SIGTERM) stops the grid.
+
+Several workers may share one study folder (processes on one machine, machines on a shared file
+system, SLURM array tasks, shards): each run is claimed atomically before it is worked on
+(:mod:`histotoken.experiments.locks`) and writes only inside its own folder. The study tables
+(runs.csv, results.csv) are rebuilt from the run folders by :func:`collect_study` (``histotoken
+grid SPEC --collect``, and the end of an unsharded local grid), written atomically, never appended.
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from histotoken import formats
+from histotoken.experiments import locks
 from histotoken.experiments.spec import PlannedRun, StudySpec, dump_spec, expand
+from histotoken.formats import RunPaths, StudyPaths
 from histotoken.io import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
-RESULT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy")
-RESULT_COLUMNS = [
-    "run_id", "model", "task", "train_domain", "test_domain", "seed", "metric", "value", "ci_low", "ci_high",
-]
-RUNS_COLUMNS = ["run_id", "model", "model_name", "model_kwargs", "task", "train_domain", "seed", "status", "error", "run_dir"]
+RESULT_METRICS = formats.RESULT_METRICS
+RESULT_COLUMNS = list(formats.RESULT_COLUMNS)
+RUNS_COLUMNS = list(formats.RUNS_COLUMNS)
 
 
 @dataclasses.dataclass
@@ -37,22 +44,35 @@ class GridOutcome:
     report: Path | None
 
 
-def run_state(study_dir: Path, run: PlannedRun, spec: StudySpec) -> str:
-    """done (trained and evaluated on every test domain), partial, failed, or pending."""
-    run_dir = study_dir / "runs" / run.run_id
-    status_file = run_dir / "status.json"
-    if not status_file.is_file():
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """What one worker did with one run: ran, failed, done (already), or claimed (by another worker)."""
+
+    run_id: str
+    outcome: str
+    error: str | None = None
+
+
+def run_state(study_dir: Path, run: PlannedRun, spec: StudySpec,
+              claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S) -> str:
+    """done (trained and evaluated on every test domain), claimed (another worker holds it),
+    failed, partial (resumable), or pending."""
+    paths = RunPaths(StudyPaths(Path(study_dir)).run_dir(run.run_id))
+    if locks.active_claim(paths.root, claim_timeout_s) is not None:
+        return "claimed"
+    if not paths.status.is_file():
         return "pending"
-    state = read_json(status_file).get("state")
-    if state == "finished":
-        missing = [d for d in spec.test_domains if not (run_dir / "eval" / f"{d}.json").is_file()]
+    status = read_json(paths.status)
+    state = status.get("state")
+    if state == formats.STATE_FINISHED:
+        missing = [d for d in spec.test_domains if not paths.eval_file(d).is_file()]
         return "partial" if missing else "done"
-    return "failed" if state == "failed" else "partial"
+    return "failed" if state == formats.STATE_FAILED else "partial"
 
 
 def check_study_folder(study_dir: Path, spec: StudySpec) -> None:
     """A study folder belongs to one spec: refuse to run a different one into it."""
-    existing = study_dir / "spec.yaml"
+    existing = StudyPaths(study_dir).spec
     if existing.is_file():
         old = yaml.safe_load(existing.read_text())
         new = yaml.safe_load(dump_spec(spec))
@@ -72,7 +92,7 @@ def prepare_splits(spec: StudySpec, study_dir: Path, index: pd.DataFrame) -> dic
     needed = sorted({(run.split_name, run.seed, run.fold) for run in expand(spec)}, key=str)
     paths = {}
     for split_name, seed, fold in needed:
-        path = study_dir / "splits" / f"{split_name}.csv"
+        path = StudyPaths(study_dir).split_file(split_name)
         if not path.is_file():
             base = spec.base_config()
             split = make_split(
@@ -102,8 +122,22 @@ def describe_dataset(spec: StudySpec, study_dir: Path, result) -> dict[str, Any]
         "n_skipped": len(result.skipped),
         "counts": counts.to_dict(orient="records"),
     }
-    atomic_write_json(study_dir / "dataset.json", info)
+    atomic_write_json(StudyPaths(study_dir).dataset, info)
     return info
+
+
+def prepare_study(spec: StudySpec, study_dir: str | Path) -> dict[str, Path]:
+    """spec.yaml, dataset.json and the frozen splits; safe to repeat from several workers at once
+    (each file is written atomically, with the same content). Returns split name -> path."""
+    study_dir = Path(study_dir)
+    check_study_folder(study_dir, spec)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(StudyPaths(study_dir).spec, dump_spec(spec))
+    from histotoken.data.index import load_index
+
+    index = load_index(spec.data)  # one scan of the data folder for the whole study
+    describe_dataset(spec, study_dir, index)
+    return prepare_splits(spec, study_dir, index.frame)
 
 
 def run_grid(
@@ -112,70 +146,126 @@ def run_grid(
     dry_run: bool = False,
     build_report: bool = True,
     on_run: Callable[[int, int, PlannedRun, str], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    collect: bool = True,
+    claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S,
 ) -> GridOutcome:
-    """Train and evaluate every planned run that is not done, then collect results and report."""
+    """Train and evaluate every planned run (of ``shard``) that is not done, then collect and report.
+
+    With ``collect=False`` (what shards and cluster jobs use) the study tables are not rebuilt;
+    ``histotoken grid SPEC --collect`` does it once every worker has ended.
+    """
+    from histotoken.experiments.launch import shard_runs
+
     study_dir = Path(study_dir)
-    runs = expand(spec)
+    runs = shard_runs(expand(spec), shard)
     if dry_run:
         table = pd.DataFrame(
-            [{"run_id": r.run_id, "state": run_state(study_dir, r, spec)} for r in runs]
+            [{"run_id": r.run_id, "state": run_state(study_dir, r, spec, claim_timeout_s)} for r in runs]
         )
-        return GridOutcome(study_dir, table, study_dir / "results.csv", None)
+        return GridOutcome(study_dir, table, StudyPaths(study_dir).results_table, None)
 
-    check_study_folder(study_dir, spec)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(study_dir / "spec.yaml", dump_spec(spec))
-    from histotoken.data.index import load_index
-
-    index = load_index(spec.data)  # one scan of the data folder for the whole study
-    describe_dataset(spec, study_dir, index)
-    split_paths = prepare_splits(spec, study_dir, index.frame)
-    records = []
+    split_paths = prepare_study(spec, study_dir)
     for number, run in enumerate(runs, start=1):
-        state = run_state(study_dir, run, spec)
+        state = run_state(study_dir, run, spec, claim_timeout_s)
         if on_run is not None:
             on_run(number, len(runs), run, state)
-        error = None
-        if state != "done":
-            error = _train_and_evaluate(spec, study_dir, run, split_paths[run.split_name])
-        records.append(_run_record(study_dir, run, error))
-        atomic_write_text(study_dir / "runs.csv", pd.DataFrame(records, columns=RUNS_COLUMNS).to_csv(index=False))
-    trained = {r["model"] for r in records if r["status"] == "finished"}
-    measure_efficiency(spec, study_dir, [m for m in spec.models if m.label in trained])
-    results_csv = collect_results(study_dir)
-    report = None
-    if build_report:
-        from histotoken.reporting.report import build_report as make_report
+        if state not in ("done", "claimed"):
+            execute_run(spec, study_dir, run, split_paths[run.split_name], claim_timeout_s)
+    if not collect:
+        return GridOutcome(study_dir, runs_table(spec, study_dir), StudyPaths(study_dir).results_table, None)
+    return collect_study(spec, study_dir, build_report=build_report)
 
-        report = make_report(study_dir)
-    return GridOutcome(study_dir, pd.DataFrame(records, columns=RUNS_COLUMNS), results_csv, report)
+
+def execute_run(
+    spec: StudySpec, study_dir: Path, run: PlannedRun, splits_csv: Path,
+    claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S,
+) -> RunOutcome:
+    """Claim one run, train/evaluate it unless it is done, release it.
+
+    A KeyboardInterrupt (or any BaseException, such as the engine's interruption on SIGTERM) is
+    re-raised after the claim is released, so the caller stops instead of moving on.
+    """
+    run_dir = StudyPaths(Path(study_dir)).run_dir(run.run_id)
+    claim = locks.claim_run(run_dir, claim_timeout_s)
+    if claim is None:
+        logger.info("%s is claimed by another worker; skipping it", run.run_id)
+        return RunOutcome(run.run_id, "claimed")
+    try:
+        if run_state(study_dir, run, spec, float("inf")) == "done":  # finished while we were claiming
+            return RunOutcome(run.run_id, "done")
+        locks.record_attempt(claim)
+        with locks.heartbeat(claim, claim_timeout_s):
+            error = _train_and_evaluate(spec, study_dir, run, splits_csv)
+        return RunOutcome(run.run_id, "failed" if error else "ran", error)
+    finally:
+        locks.release(claim)
 
 
 def _train_and_evaluate(spec: StudySpec, study_dir: Path, run: PlannedRun, splits_csv: Path) -> str | None:
-    """Train (or resume) one run and evaluate it on every test domain; return an error text or None."""
+    """Train (or resume) one run and evaluate it on every test domain; return an error text or None.
+
+    The error is also written into the run's status.json, so runs.csv can be rebuilt from the folder.
+    """
     from histotoken.engine.evaluate import evaluate_run
     from histotoken.engine.fit import train
 
-    run_dir = study_dir / "runs" / run.run_id
+    paths = RunPaths(StudyPaths(study_dir).run_dir(run.run_id))
     try:
-        status_file = run_dir / "status.json"
-        if status_file.is_file() and read_json(status_file).get("state") == "failed":
+        if paths.status.is_file() and read_json(paths.status).get("state") == formats.STATE_FAILED:
             logger.info("retrying %s, which failed before", run.run_id)
         config = run.config(spec, splits_csv)
-        train(config, run_dir, progress_bar=False)
+        train(config, paths.root, progress_bar=False)
         for domain in spec.test_domains:
-            if not (run_dir / "eval" / f"{domain}.json").is_file():
-                evaluate_run(run_dir, domain, n_bootstrap=config.bootstrap)
+            if not paths.eval_file(domain).is_file():
+                evaluate_run(paths.root, domain, n_bootstrap=config.bootstrap)
+        _record_error(paths, None)
         return None
-    except KeyboardInterrupt:
-        raise
     except Exception as error:  # one failing run must not stop the study
+        if paths.status.is_file() and read_json(paths.status).get("state") == formats.STATE_INTERRUPTED:
+            raise  # the engine was interrupted (e.g. SIGTERM): stop the grid
         logger.error("run %s failed: %s", run.run_id, error)
         logger.debug("%s", traceback.format_exc())
-        return f"{type(error).__name__}: {error}"
+        text = f"{type(error).__name__}: {error}"
+        _record_error(paths, text)
+        return text
 
 
-def _run_record(study_dir: Path, run: PlannedRun, error: str | None) -> dict[str, Any]:
+def _record_error(paths: RunPaths, error: str | None) -> None:
+    """Merge the grid's error into status.json (state failed unless training had finished)."""
+    status = read_json(paths.status) if paths.status.is_file() else {}
+    if error is None and not status.get("error"):
+        return
+    changes: dict[str, Any] = {"error": error}
+    if error is not None and status.get("state") != formats.STATE_FINISHED:
+        changes["state"] = formats.STATE_FAILED
+    atomic_write_json(paths.status, {**status, **changes})
+
+
+def run_record(study_dir: Path, run: PlannedRun, spec: StudySpec,
+               claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S) -> dict[str, Any]:
+    """One runs.csv row, from the plan and the run's own folder (status.json, eval files, claim).
+
+    status: finished (trained and evaluated on every test domain), failed (with the error),
+    pending (never started), running (claimed by a live worker), interrupted, or partial.
+    """
+    paths = RunPaths(StudyPaths(study_dir).run_dir(run.run_id))
+    status = read_json(paths.status) if paths.status.is_file() else {}
+    state, error = status.get("state"), status.get("error") or ""
+    claimed = locks.active_claim(paths.root, claim_timeout_s) is not None
+    if error or state == formats.STATE_FAILED:
+        text = "failed"
+    elif claimed:
+        text = "running"
+    elif not status:
+        text = "pending"
+    elif state == formats.STATE_FINISHED:
+        missing = [d for d in spec.test_domains if not paths.eval_file(d).is_file()]
+        text = "partial" if missing else "finished"
+    elif state == formats.STATE_RUNNING:  # no live claim: its worker died
+        text = "interrupted"
+    else:
+        text = str(state)
     return {
         "run_id": run.run_id,
         "model": run.model.label,
@@ -184,10 +274,39 @@ def _run_record(study_dir: Path, run: PlannedRun, error: str | None) -> dict[str
         "task": run.task,
         "train_domain": run.train_domain,
         "seed": run.seed if run.fold is None else run.fold,
-        "status": "failed" if error else "finished",
-        "error": error or "",
-        "run_dir": f"runs/{run.run_id}",
+        "status": text,
+        "error": error,
+        "run_dir": f"{formats.RUNS_DIR}/{run.run_id}",
     }
+
+
+def runs_table(spec: StudySpec, study_dir: str | Path) -> pd.DataFrame:
+    """runs.csv's content: one row per planned run, read from the run folders."""
+    study_dir = Path(study_dir)
+    return pd.DataFrame([run_record(study_dir, run, spec) for run in expand(spec)], columns=RUNS_COLUMNS)
+
+
+def collect_study(spec: StudySpec, study_dir: str | Path, build_report: bool = True,
+                  efficiency: bool = True) -> GridOutcome:
+    """Rebuild runs.csv and results.csv from the run folders; measure efficiency; build the report."""
+    study_dir = Path(study_dir)
+    paths = StudyPaths(study_dir)
+    if not paths.spec.is_file():
+        raise FileNotFoundError(f"{study_dir} is not a study folder (no {formats.SPEC_FILE}); run "
+                                "`histotoken grid SPEC --out STUDY_DIR` first")
+    check_study_folder(study_dir, spec)
+    records = runs_table(spec, study_dir)
+    atomic_write_text(paths.runs_table, records.to_csv(index=False))
+    if efficiency:
+        trained = set(records.loc[records["status"] == "finished", "model"])
+        measure_efficiency(spec, study_dir, [m for m in spec.models if m.label in trained])
+    results_csv = collect_results(study_dir)
+    report = None
+    if build_report:
+        from histotoken.reporting.report import build_report as make_report
+
+        report = make_report(study_dir)
+    return GridOutcome(study_dir, records, results_csv, report)
 
 
 def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = None) -> Path | None:
@@ -199,7 +318,7 @@ def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = N
     from histotoken.engine.benchmark import benchmark_models, write_benchmark
 
     models = list(spec.models if models is None else models)
-    out = study_dir / "efficiency.csv"
+    out = StudyPaths(study_dir).efficiency_table
     labels = [m.label for m in models]
     if not labels:
         return None
@@ -224,11 +343,11 @@ def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = N
 def collect_results(study_dir: str | Path) -> Path:
     """Tidy results.csv from every run's eval/*.json (one row per run x test domain x metric)."""
     study_dir = Path(study_dir)
-    runs = pd.read_csv(study_dir / "runs.csv", dtype=str, keep_default_na=False)
+    runs = pd.read_csv(StudyPaths(study_dir).runs_table, dtype=str, keep_default_na=False)
     rows = []
     for run in runs.itertuples():
-        for eval_file in sorted((study_dir / run.run_dir / "eval").glob("*.json")):
-            if "__" in eval_file.stem:  # extra evaluations, e.g. test-time token merging
+        for eval_file in sorted(RunPaths(study_dir / run.run_dir).eval_dir.glob("*.json")):
+            if formats.is_variant_evaluation(eval_file):  # extra evaluations, e.g. test-time token merging
                 continue
             result = read_json(eval_file)
             for metric in RESULT_METRICS:
@@ -240,6 +359,6 @@ def collect_results(study_dir: str | Path) -> Path:
                         "metric": metric, "value": result[metric], "ci_low": low, "ci_high": high,
                     }
                 )
-    out = study_dir / "results.csv"
+    out = StudyPaths(study_dir).results_table
     atomic_write_text(out, pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(index=False))
     return out

@@ -16,6 +16,11 @@ or folds, the shared training protocol and the efficiency-benchmark settings::
     split: {scheme: patient, val: 0.15, test: 0.15}
     protocol: {img_size: 224, epochs: 100, batch_size: 32, pretrained: true}
     efficiency: {batch_size: 32, rounds: 5}
+    reference_model: deit_small_patch16_224   # paired differences in the report (default: the first model)
+    launcher: {partition: gpu, gpus_per_task: 1, timeout_min: 720, mem_gb: 32, cpus_per_task: 8}
+
+``launcher`` holds the settings of ``histotoken grid --launcher slurm`` (see
+:mod:`histotoken.experiments.launch`); flags on the command line override them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from histotoken.models.factory import ModelSpec, parse_model_spec
 
 SPEC_KEYS = {
     "name", "description", "data", "tasks", "models", "train_domains", "test_domains",
-    "seeds", "folds", "split", "protocol", "efficiency",
+    "seeds", "folds", "split", "protocol", "efficiency", "reference_model", "launcher",
     "synthetic",  # used by `histotoken demo` to make its data set; ignored by `grid`
 }
 # Protocol keys the grid sets itself, per run.
@@ -54,6 +59,13 @@ class StudySpec:
     protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
     efficiency: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    reference_model: str | None = None
+    launcher: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        """Label of the model every other model is compared with (default: the first one)."""
+        return self.reference_model or self.models[0].label
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +81,8 @@ class StudySpec:
             "split": dict(self.split),
             "protocol": dict(self.protocol),
             "efficiency": dict(self.efficiency),
+            "reference_model": self.reference_model,
+            "launcher": dict(self.launcher),
         }
 
     def base_config(self) -> RunConfig:
@@ -147,6 +161,8 @@ def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) ->
         split=dict(raw.get("split") or {}),
         protocol=protocol,
         efficiency=dict(raw.get("efficiency") or {}),
+        reference_model=_reference_label(raw.get("reference_model"), source),
+        launcher=dict(raw.get("launcher") or {}),
     )
     spec.base_config()  # validates protocol values and task names early, naming the file
     for task in tasks:
@@ -154,7 +170,22 @@ def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) ->
     labels = [m.label for m in spec.models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{source}: a model is listed twice: {labels}")
+    if spec.reference_model is not None and spec.reference_model not in labels:
+        raise ValueError(f"{source}: reference_model {spec.reference_model!r} is none of the models {labels}")
+    from histotoken.experiments.launch import launcher_settings
+
+    launcher_settings(spec.launcher, {}, source)  # unknown launcher keys fail here, naming the file
     return spec
+
+
+def _reference_label(value: Any, source: str) -> str | None:
+    """``reference_model:`` as a model label (it may be written like a models entry)."""
+    if value is None:
+        return None
+    try:
+        return parse_model_spec(value).label
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: reference_model: {error}") from None
 
 
 def expand(spec: StudySpec) -> list[PlannedRun]:
