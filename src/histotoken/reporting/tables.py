@@ -2,7 +2,7 @@
 
 Everything here is pandas on the files described in ``docs/formats.md``; nothing is re-run
 and no model code is imported. Functions return numeric frames; turning numbers into text
-for a page is done by :mod:`histotoken.reporting.report`.
+for a page is done by :mod:`histotoken.reporting.formatting`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,21 @@
+"""The report's sections, one module each, in the order the page shows them.
+
+Each module defines ``SECTION``, a :class:`~histotoken.reporting.sections.context.ReportSection` whose
+``build(context)`` reads the files it needs and returns the section's blocks. A new section is one more
+module and one more entry in ``SECTIONS``.
+"""
+
+from histotoken.reporting.sections import cost, cross_domain, failed, in_domain, preview, runs, setup
+from histotoken.reporting.sections.context import ReportSection, SectionContext
+
+SECTIONS: tuple[ReportSection, ...] = (
+    setup.SECTION,
+    in_domain.SECTION,
+    cross_domain.SECTION,
+    cost.SECTION,
+    runs.SECTION,
+    preview.SECTION,
+    failed.SECTION,
+)
+
+__all__ = ["SECTIONS", "ReportSection", "SectionContext"]

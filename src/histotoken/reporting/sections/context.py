@@ -1,0 +1,63 @@
+"""What every section builder receives: the study's files, the page layout and figure naming."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from histotoken.reporting import plots
+from histotoken.reporting.blocks import FigureBlock, Heading
+from histotoken.reporting.formatting import file_name
+from histotoken.reporting.study import StudyFiles
+
+
+@dataclasses.dataclass
+class SectionContext:
+    """Shared by the sections of one report; hands out unique figure file names across them."""
+
+    study: StudyFiles
+    _figure_names: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def multiple_tasks(self) -> bool:
+        return len(self.study.tasks) > 1
+
+    @property
+    def sub_level(self) -> int:
+        """Sub-headings sit below a "Task: ..." heading only when the study has several tasks."""
+        return 4 if self.multiple_tasks else 3
+
+    def label(self, model: str, task: str) -> str:
+        return f"{model} ({task})" if self.multiple_tasks else model
+
+    def task_heading(self, task: str, blocks: list) -> None:
+        if self.multiple_tasks:
+            blocks.append(Heading(f"Task: {task}", level=3))
+
+    def figure(self, name: str, figure, caption: str, how_to_read: str) -> FigureBlock:
+        """Render a matplotlib figure to a PNG block named ``name`` (made unique within the report)."""
+        return self.png_figure(name, plots.figure_to_png(figure), caption, how_to_read)
+
+    def png_figure(self, name: str, png: bytes, caption: str, how_to_read: str) -> FigureBlock:
+        """A PNG already on disk or in memory as a block named ``name`` (made unique within the report)."""
+        stem = file_name(name)
+        # Two run ids may differ only in characters a file name cannot hold: keep both figures.
+        unique, counter = stem, 1
+        while unique in self._figure_names:
+            counter += 1
+            unique = f"{stem}_{counter}"
+        self._figure_names.add(unique)
+        return FigureBlock(f"{unique}.png", png, caption, how_to_read)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSection:
+    """One section of the report: its anchor, its heading and the function that builds its blocks.
+
+    ``needs_results``: the section compares results, so a study without result rows gets a note instead.
+    """
+
+    key: str
+    title: str
+    build: Callable[[SectionContext], list]
+    needs_results: bool = False
