@@ -16,3 +16,19 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 
 def add_command(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(name, help=summary, description=description, formatter_class=formatter)
+
+
+DATA_FORMAT_CHOICES = ("auto", "breakhis", "imagefolder", "cifar10", "tiles")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--data-format and --groups, shared by train, split and index."""
+    parser.add_argument(
+        "--data-format", choices=DATA_FORMAT_CHOICES, default=None,
+        help="kind of data folder (default auto: detected from the folder)",
+    )
+    parser.add_argument(
+        "--groups", metavar="CSV",
+        help="ImageFolder: CSV image,group mapping each image (relative path or file name) to its patient/group "
+        "(default DATA_ROOT/groups.csv when present); splits keep a group on one side",
+    )

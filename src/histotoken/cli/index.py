@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from histotoken.cli.common import add_command
+from histotoken.cli.common import add_command, add_data_options
 
 DESCRIPTION = """\
 Scan a BreakHis folder and list its images: one row per image with path, patient_id,
@@ -20,9 +20,10 @@ Example:
 
 def add_parser(subparsers):
     parser = add_command(subparsers, "index", "list the images of a BreakHis folder", DESCRIPTION)
-    parser.add_argument("data_root", metavar="DATA_ROOT", help="folder holding BreaKHis_v1 (or below it)")
+    parser.add_argument("data_root", metavar="DATA_ROOT", help="BreakHis, ImageFolder, CIFAR-10 binary or tiles folder")
     parser.add_argument("--out", metavar="CSV", help="also write the index to this CSV file")
     parser.add_argument("--refresh", action="store_true", help="re-scan even if a cached index is up to date")
+    add_data_options(parser)
     return parser
 
 
@@ -31,12 +32,15 @@ def run(args) -> int:
     from histotoken.data.index import load_index
     from histotoken.io import atomic_write_text
 
-    result = load_index(args.data_root, refresh=args.refresh)
+    result = load_index(args.data_root, refresh=args.refresh, data_format=args.data_format or "auto", groups=args.groups)
     frame = result.frame
     if is_synthetic(args.data_root):
         print("Note: this is a SYNTHETIC data set made by `histotoken synth` (not real tissue).")
     print(f"{len(frame)} images, {frame['patient_id'].nunique()} patients in {args.data_root}\n")
-    print(counts_table(frame).to_string())
+    if result.data_format == "breakhis":
+        print(counts_table(frame).to_string())
+    else:
+        print(f"{result.data_format}: images per class\n{frame['label'].value_counts().sort_index().to_string()}")
     if result.skipped:
         print(f"\n{len(result.skipped)} files left out:")
         for path, reason in result.skipped:

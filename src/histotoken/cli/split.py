@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from histotoken.cli.common import add_command
+from histotoken.cli.common import add_command, add_data_options
 
 DESCRIPTION = """\
 Make a train/val/test split of a BreakHis folder and write it as CSV (path, patient_id,
@@ -24,7 +24,7 @@ Examples:
 
 def add_parser(subparsers):
     parser = add_command(subparsers, "split", "make a patient-disjoint split (CSV)", DESCRIPTION)
-    parser.add_argument("data_root", metavar="DATA_ROOT", help="folder holding BreaKHis_v1 (or below it)")
+    parser.add_argument("data_root", metavar="DATA_ROOT", help="BreakHis, ImageFolder, CIFAR-10 binary or tiles folder")
     parser.add_argument("--out", required=True, metavar="CSV", help="where to write the split")
     parser.add_argument("--scheme", choices=["patient", "image"], default="patient", help="patient (default) or image (leaky)")
     parser.add_argument("--val", type=float, default=0.15, help="fraction of patients for validation (default 0.15)")
@@ -32,6 +32,7 @@ def add_parser(subparsers):
     parser.add_argument("--folds", type=int, metavar="K", help="K-fold cross-validation over patients")
     parser.add_argument("--fold", type=int, default=0, metavar="I", help="which fold is the test set (0..K-1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_data_options(parser)
     return parser
 
 
@@ -39,8 +40,12 @@ def run(args) -> int:
     from histotoken.data.index import load_index
     from histotoken.data.splits import IMAGE_SCHEME_WARNING, make_split, split_summary, write_split
 
-    index = load_index(args.data_root).frame
-    split = make_split(index, args.scheme, args.val, args.test, args.folds, args.fold, args.seed)
+    result = load_index(args.data_root, data_format=args.data_format or "auto", groups=args.groups)
+    split = make_split(result.frame, args.scheme, args.val, args.test, args.folds, args.fold, args.seed)
+    if not result.grouped:
+        from histotoken.data.index import warn_ungrouped
+
+        print(f"WARNING: {warn_ungrouped(args.data_root)}")
     if args.scheme == "image":
         print(f"WARNING: {IMAGE_SCHEME_WARNING}")
     print(split_summary(split).to_string())

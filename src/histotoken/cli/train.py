@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from histotoken.cli.common import EPILOG_DOMAINS, add_command
+from histotoken.cli.common import EPILOG_DOMAINS, add_command, add_data_options
 
 DESCRIPTION = f"""\
 Train one image classifier on a BreakHis folder and evaluate it on the test patients of
@@ -35,9 +35,13 @@ def add_parser(subparsers):
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting of the run config")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write (or resume)")
     parser.add_argument("--config", metavar="YAML", help="settings file (flags override it)")
-    parser.add_argument("--data", metavar="DATA_ROOT", help="folder holding BreaKHis_v1 (or below it)")
+    parser.add_argument("--data", metavar="DATA_ROOT", help="BreakHis root, ImageFolder tree, CIFAR-10 binary or tiles folder")
     parser.add_argument("--model", help="timm model name, optionally NAME:key=value,... (default resnet18)")
-    parser.add_argument("--task", choices=["binary", "subtype"], help="benign/malignant or 8 subtypes (default binary)")
+    parser.add_argument(
+        "--task", choices=["binary", "subtype", "classes"],
+        help="BreakHis: benign/malignant or 8 subtypes (default binary); other data: their own classes",
+    )
+    add_data_options(parser)
     parser.add_argument("--train-domain", metavar="DOMAIN", help="magnification(s) to train on (default all)")
     parser.add_argument("--splits", metavar="CSV", help="a split from `histotoken split` (default: made from the data)")
     parser.add_argument("--img-size", type=int, help="input size in pixels (default 224)")
@@ -57,7 +61,8 @@ def add_parser(subparsers):
 
 
 FLAG_FIELDS = {
-    "data": "data", "model": "model", "task": "task", "train_domain": "train_domain", "splits": "splits",
+    "data": "data", "data_format": "data_format", "groups": "groups",
+    "model": "model", "task": "task", "train_domain": "train_domain", "splits": "splits",
     "img_size": "img_size", "epochs": "epochs", "stages": "stage_epochs", "batch_size": "batch_size",
     "lr": "lr", "seed": "seed", "balancing": "balancing", "pretrained": "pretrained", "weights": "weights",
     "merge_r": "merge_r", "devices": "devices", "accelerator": "accelerator", "precision": "precision",

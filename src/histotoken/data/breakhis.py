@@ -151,6 +151,9 @@ class IndexResult:
 
     frame: pd.DataFrame
     skipped: list[tuple[str, str]]  # (path, reason)
+    data_format: str = "breakhis"  # breakhis, imagefolder, cifar10 or tiles (see data.sources)
+    class_names: tuple[str, ...] | None = None  # the data's own classes (None for BreakHis: tasks name them)
+    grouped: bool = True  # whether patient_id names real patients/groups (False: every image its own group)
 
 
 def scan_breakhis(data_root: str | Path, check_images: bool = True) -> IndexResult:

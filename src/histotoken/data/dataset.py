@@ -1,9 +1,10 @@
-"""Datasets over a split table: decode and resize each image once, train from the cached tensors.
+"""Datasets over a split table: decode and resize each image once, train from the decoded store.
 
 Decoding a 700x460 PNG costs about 6 ms and would dominate small-image training, so every
 image is decoded once into a uint8 store at the model's input size (all of BreakHis at 224 px is
-about 1.2 GB). Unreadable images are left out when the store is built and listed, so a bad file
-never crashes an epoch.
+about 1.2 GB). The store is a memory-mapped file in the cache (see ``data.store``), shared by
+every run and evaluation of a study that uses the same images, size and preprocessing.
+Unreadable images are left out and listed, so a bad file never crashes an epoch.
 """
 
 from __future__ import annotations
@@ -11,30 +12,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger(__name__)
 
 
 def load_image(path: str, img_size: int) -> torch.Tensor:
-    """Decode an image file to a (3, img_size, img_size) uint8 tensor.
+    """Decode an image (a file, or any index key such as a CIFAR-10 record) to (3, img_size, img_size) uint8.
 
     Grayscale and RGBA images are converted to RGB with a warning naming the file; unreadable,
     truncated or empty files raise ValueError naming the file.
     """
-    try:
-        image = decode_image(path, mode=ImageReadMode.UNCHANGED)
-        if image.shape[0] != 3:
-            kind = {1: "grayscale", 2: "grayscale+alpha", 4: "RGBA"}.get(image.shape[0], f"{image.shape[0]}-channel")
-            logger.warning("%s is a %s image; converted to RGB (BreakHis images are RGB)", path, kind)
-            image = decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}. Re-export or remove the file, then re-index") from error
+    from histotoken.data.sources import read_image
+
+    image = read_image(str(path))
+    if tuple(image.shape[-2:]) == (img_size, img_size):
+        return image
     return F.resize(image, [img_size, img_size], antialias=True)
 
 
@@ -42,25 +41,53 @@ def load_image(path: str, img_size: int) -> torch.Tensor:
 class ImageStore:
     """Decoded images of a table, in row order; rows that could not be decoded are dropped and listed."""
 
-    images: torch.Tensor  # (N, 3, S, S) uint8
+    images: torch.Tensor  # (N, 3, S, S) uint8 (memory-mapped when it is a whole cached store)
     frame: pd.DataFrame  # the rows that were decoded, re-indexed 0..N-1
     skipped: list[tuple[str, str]]  # (path, reason)
 
     @classmethod
-    def build(cls, frame: pd.DataFrame, img_size: int, progress: Callable[[int, int], None] | None = None) -> ImageStore:
-        images, kept, skipped = [], [], []
-        for position, path in enumerate(frame["path"]):
-            try:
-                images.append(load_image(str(path), img_size))
-                kept.append(position)
-            except ValueError as error:
-                logger.warning("left out: %s", error)
-                skipped.append((str(path), str(error)))
-            if progress is not None:
-                progress(position + 1, len(frame))
-        if not images:
+    def build(
+        cls,
+        frame: pd.DataFrame,
+        img_size: int,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        universe: pd.DataFrame | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        preprocess_key: str = "",
+        workers: int = 0,
+        cache_dir: str | Path | None = None,
+    ) -> ImageStore:
+        """The images of ``frame``'s rows, from the decoded store of ``universe`` (default: ``frame``).
+
+        Pass the run's whole split as ``universe`` so that every run and evaluation of a study opens
+        one store (decoded once, also across processes) and selects its rows from it.
+        ``preprocess`` (named by ``preprocess_key``) runs on each decoded uint8 image before storing.
+        """
+        from histotoken.data.store import build_store
+
+        source = frame if universe is None else universe
+        keys = frame["path"].astype(str)
+        if universe is not None:
+            outside = sorted(set(keys) - set(universe["path"].astype(str)))
+            if outside:
+                raise ValueError(f"{len(outside)} images of the selection are not in the universe, e.g. {outside[0]}")
+        store = build_store(
+            source["path"].astype(str).tolist(), img_size, preprocess, preprocess_key, workers, cache_dir, progress
+        )
+        position = {key: row for row, key in enumerate(store.keys)}
+        rows = np.array([position[key] for key in keys], dtype=np.int64)
+        bad = np.array([row in store.errors for row in rows], dtype=bool)
+        skipped = [(key, store.errors[row]) for key, row in zip(keys[bad], rows[bad])]
+        if skipped:
+            logger.warning("%d images could not be decoded and are left out, e.g. %s", len(skipped), skipped[0][1])
+        rows = rows[~bad]
+        if len(rows) == 0:
             raise ValueError("none of the images could be decoded; see the warnings above for the files")
-        return cls(torch.stack(images), frame.iloc[kept].reset_index(drop=True), skipped)
+        images = torch.from_numpy(store.images)
+        if not (len(rows) == len(store.keys) and np.array_equal(rows, np.arange(len(rows)))):
+            images = images[torch.from_numpy(rows)]  # a copy of the selected rows
+        return cls(images, frame[~bad].reset_index(drop=True), skipped)
 
 
 class ImageDataset(Dataset):

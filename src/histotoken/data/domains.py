@@ -35,8 +35,21 @@ def domain_name(text: str | int | tuple[int, ...]) -> str:
 
 
 def select_domain(frame: pd.DataFrame, domain: str, what: str = "the data") -> pd.DataFrame:
-    """Rows of ``frame`` whose magnification is in ``domain``; a clear error when there are none."""
+    """Rows of ``frame`` whose magnification is in ``domain``; a clear error when there are none.
+
+    ``all`` selects every row, also of data without magnifications (ImageFolder, CIFAR-10, tiles:
+    magnification 0); any other domain on such data is an error.
+    """
     mags = parse_domain(domain)
+    if mags == MAGNIFICATIONS:
+        if frame.empty:
+            raise ValueError(f"{what} has no images; check the split")
+        return frame
+    if not frame["magnification"].isin(MAGNIFICATIONS).any():
+        raise ValueError(
+            f"domain {domain_name(domain)} names a magnification, but {what} has no magnifications "
+            "(only BreakHis does); use the domain 'all' (train_domain: all, test_domains: [all])"
+        )
     selected = frame[frame["magnification"].isin(mags)]
     if selected.empty:
         present = sorted(frame["magnification"].unique().tolist())

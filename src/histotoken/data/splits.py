@@ -45,6 +45,8 @@ def make_split(
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
         raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) that sum below 1")
     frame = index.copy()
+    if "subset" in frame.columns and folds is None and (frame["subset"] == "test").any():
+        return _official_test_split(frame, scheme, val, seed)
     if scheme == "image":
         logger.warning(IMAGE_SCHEME_WARNING)
         frame["split"] = _image_split(frame, val, test, seed)
@@ -65,8 +67,27 @@ def make_split(
     return frame[SPLIT_COLUMNS].reset_index(drop=True)
 
 
+def _official_test_split(frame: pd.DataFrame, scheme: str, val: float, seed: int) -> pd.DataFrame:
+    """Keep a data set's official test set (CIFAR-10's test_batch) as test; carve val from the rest by group."""
+    if scheme == "image":
+        logger.warning(IMAGE_SCHEME_WARNING)
+    frame["split"] = np.where(frame["subset"] == "test", "test", "train")
+    rest = frame[frame["split"] == "train"]
+    if scheme == "image":
+        if val > 0:
+            _, val_rows = train_test_split(rest.index, test_size=val, random_state=seed, stratify=rest["tumor_class"])
+            frame.loc[val_rows, "split"] = "val"
+    else:
+        val_patients, _ = _allocate(_patient_table(rest), val, 0.0, seed)
+        frame.loc[rest.index[rest["patient_id"].isin(val_patients)], "split"] = "val"
+    return frame[SPLIT_COLUMNS].reset_index(drop=True)
+
+
 def _patient_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per patient with its majority subtype (a patient under two subtypes gets one stratum)."""
+    if frame["patient_id"].is_unique:  # every image its own group (e.g. CIFAR-10): no majority to find
+        majority = frame.set_index("patient_id")["tumor_class"].rename_axis("patient_id")
+        return majority.rename("stratum").reset_index().sort_values("patient_id").reset_index(drop=True)
     majority = frame.groupby("patient_id")["tumor_class"].agg(lambda s: s.value_counts().index[0])
     return majority.rename("stratum").reset_index().sort_values("patient_id").reset_index(drop=True)
 
@@ -150,7 +171,7 @@ def read_split(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"splits file {path} does not exist; make one with `histotoken split`")
-    frame = pd.read_csv(path, dtype={"patient_id": str})
+    frame = pd.read_csv(path, dtype={"patient_id": str, "tumor_class": str, "label": str})
     missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"splits file {path} lacks columns {missing}; make it with `histotoken split`")

@@ -18,7 +18,6 @@ import torch
 import yaml
 
 from histotoken.config import RunConfig, write_run_config
-from histotoken.data.breakhis import class_names as task_class_names
 from histotoken.data.domains import domain_name, select_domain
 from histotoken.data.splits import make_split, read_split, write_split
 from histotoken.io import atomic_write_json, atomic_write_text, read_json
@@ -120,7 +119,7 @@ def prepare_split(config: RunConfig, paths: RunPaths) -> pd.DataFrame:
     else:
         from histotoken.data.index import load_index
 
-        index = load_index(config.data).frame
+        index = load_index(config.data, data_format=config.data_format, groups=config.groups).frame
         split = make_split(
             index, config.split_scheme, config.val_fraction, config.test_fraction,
             config.folds, config.fold, config.seed,
@@ -188,14 +187,15 @@ def train(
 
 
 def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, extra_callbacks: list) -> TrainResult:
-    from histotoken.data.dataset import ImageStore, class_column
+    from histotoken.data.dataset import ImageStore
+    from histotoken.data.sources import task_classes
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.precision import resolve_precision
     from histotoken.models.factory import create_model, parse_model_spec
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = prepare_split(config, paths)
-    names = task_class_names(config.task)
+    names, column = task_classes(config.task, config.data or None, config.data_format, split)
     spec = parse_model_spec(config.model)
     model = create_model(
         spec, len(names), config.img_size, config.pretrained, config.weights, config.merge_r
@@ -206,13 +206,12 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
         side: select_domain(split[split["split"] == side], domain, f"the {side} split of {paths.splits}")
         for side in ("train", "val")
     }
-    stores = {side: ImageStore.build(frame, config.img_size) for side, frame in frames.items()}
+    stores = {side: ImageStore.build(frame, config.img_size, universe=split) for side, frame in frames.items()}
     skipped = [s for store in stores.values() for s in store.skipped]
     if skipped:
         atomic_write_text(paths.root / "skipped_images.csv", pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(index=False))
         logger.warning("%d images could not be read and were left out; see %s", len(skipped), paths.root / "skipped_images.csv")
 
-    column = class_column(config.task)
     loaders = _make_loaders(config, stores, names, column, mean, std)
     class_weights = _class_weights(stores["train"], names, column) if config.balancing == "class_weights" else None
     accelerator = "gpu" if config.accelerator == "auto" and torch.cuda.is_available() else config.accelerator
@@ -220,7 +219,7 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
     precision = resolve_precision(config.precision, accelerator, config.img_size)
     metadata = {
         "model_name": spec.name, "model_kwargs": spec.kwargs_dict, "num_classes": len(names),
-        "class_names": list(names), "task": config.task, "img_size": config.img_size,
+        "class_names": list(names), "class_column": column, "task": config.task, "img_size": config.img_size,
         "train_domain": domain, "merge_r": config.merge_r, "precision": precision,
     }
     num_stages = int(getattr(model, "num_stages", 1))

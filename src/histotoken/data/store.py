@@ -1,0 +1,245 @@
+"""Decode each image once per study: a uint8 store as a memory-mapped ``.npy`` file in the cache.
+
+A store holds the images of a sorted list of index keys (``sources.read_image`` reads any key),
+decoded, resized to ``img_size`` x ``img_size`` and optionally preprocessed (e.g. stain
+normalisation), as one ``(N, 3, S, S)`` uint8 array. It lives in ``$HISTOTOKEN_CACHE/stores``
+(see ``data.index.cache_dir``) and is named by a hash of
+
+- every key with its file's size and modification time (a changed file means a new store),
+- the image size and the ``preprocess_key`` (a different method or target means a new store),
+
+so every run and evaluation of a study (all seeds, folds, train domains and test domains share
+the study's image list) opens the same file, also from other processes, and the OS page cache
+shares its pages between them.
+
+Files, for a store named KEY (see docs/formats.md):
+
+- ``KEY.npy``: the images, written to a temporary file and renamed into place when complete;
+- ``KEY.json``: the manifest (keys in store order, which rows could not be decoded and why, shape,
+  byte size), written last. A store without a manifest, or whose ``.npy`` size differs from the
+  manifest's, is torn and is rebuilt;
+- ``KEY.lock``: held (``fcntl.flock``) while one process builds, so a second waits for the first
+  and then opens its result; where locks are unavailable both build and the last rename wins
+  (both files hold the same bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from histotoken.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+STORES_DIR = "stores"
+CHUNK = 32  # images per task sent to a decoding worker
+
+
+def default_store_dir() -> Path:
+    from histotoken.data.index import cache_dir
+
+    return cache_dir() / STORES_DIR
+
+
+def decode_resized(key: str, img_size: int) -> torch.Tensor:
+    """Decode one index key to a (3, img_size, img_size) uint8 tensor; ValueError names the key."""
+    from histotoken.data.dataset import load_image
+
+    return load_image(key, img_size)
+
+
+def store_key(keys: Sequence[str], img_size: int, preprocess_key: str = "") -> str:
+    """Hash of the sorted keys (with their files' sizes and mtimes), the size and the preprocessing."""
+    from histotoken.data.sources import split_key
+
+    digest = hashlib.sha1(f"v{STORE_VERSION};size={img_size};preprocess={preprocess_key}\n".encode())
+    stats: dict[str, str] = {}
+    for key in keys:
+        base, _ = split_key(key)
+        if base not in stats:
+            try:
+                stat = os.stat(base)
+                stats[base] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                stats[base] = "missing"
+        digest.update(f"{key}:{stats[base]}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+@dataclasses.dataclass
+class DecodedStore:
+    """An opened store: images (memory-mapped) and, per row, its key and whether it was decoded."""
+
+    images: np.ndarray  # (N, 3, S, S) uint8, memory-mapped copy-on-write
+    keys: list[str]
+    errors: dict[int, str]  # row -> reason it could not be decoded (that row is zeros)
+    path: Path
+
+
+def open_store(directory: Path, name: str) -> DecodedStore | None:
+    """The complete store ``name`` in ``directory``, or None when it is absent, torn or truncated."""
+    npy, manifest_path = directory / f"{name}.npy", directory / f"{name}.json"
+    if not (npy.is_file() and manifest_path.is_file()):
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("version") != STORE_VERSION or npy.stat().st_size != manifest["bytes"]:
+            logger.warning("decoded store %s is incomplete or damaged; rebuilding it", npy)
+            return None
+        images = np.load(npy, mmap_mode="c")
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("cannot open decoded store %s (%s); rebuilding it", npy, error)
+        return None
+    if list(images.shape) != manifest["shape"] or images.dtype != np.uint8:
+        logger.warning("decoded store %s has shape %s, its manifest says %s; rebuilding it", npy, images.shape, manifest["shape"])
+        return None
+    errors = {int(row): reason for row, reason in manifest["errors"].items()}
+    return DecodedStore(images, manifest["keys"], errors, npy)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock while building; a no-op where the file system has none."""
+    try:
+        import fcntl
+
+        handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # e.g. a network file system without locks: the atomic rename still keeps the store whole
+        yield
+    finally:
+        handle.close()
+
+
+def build_store(
+    keys: Sequence[str],
+    img_size: int,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    preprocess_key: str = "",
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DecodedStore:
+    """Open the store of ``keys`` (sorted and de-duplicated here), decoding it first if it is not cached.
+
+    ``preprocess`` runs on each decoded, resized uint8 image before it is stored; ``preprocess_key``
+    must name it (method and target) since it is part of the store's name. ``workers`` > 0 decodes
+    in that many processes (preprocessing stays in this one).
+    """
+    if preprocess is not None and not preprocess_key:
+        raise ValueError("a preprocess function needs a preprocess_key naming it (e.g. 'macenko:<target hash>')")
+    keys = sorted(set(map(str, keys)))
+    if not keys:
+        raise ValueError("no images to decode; the selection is empty")
+    directory = Path(cache_dir) if cache_dir is not None else default_store_dir()
+    name = store_key(keys, img_size, preprocess_key)
+    found = open_store(directory, name)
+    if found is not None:
+        logger.info("decoded store %s: %d images at %d px (cached)", found.path, len(keys), img_size)
+        return found
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _build_lock(directory / f"{name}.lock"):
+            found = open_store(directory, name)  # another process may have finished it meanwhile
+            if found is not None:
+                return found
+            _write_store(directory, name, keys, img_size, preprocess, preprocess_key, workers, progress)
+    except OSError as error:
+        logger.warning("cannot write a decoded store in %s (%s); decoding into memory for this process only", directory, error)
+        images = np.zeros((len(keys), 3, img_size, img_size), dtype=np.uint8)
+        errors = _decode_into(images, keys, img_size, preprocess, workers, progress)
+        return DecodedStore(images, keys, errors, directory / f"{name}.npy")
+    found = open_store(directory, name)
+    if found is None:
+        raise RuntimeError(f"decoded store {directory / name}.npy was written but cannot be opened; delete it and retry")
+    return found
+
+
+def _write_store(directory, name, keys, img_size, preprocess, preprocess_key, workers, progress) -> None:
+    npy = directory / f"{name}.npy"
+    tmp = directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy.tmp"
+    shape = (len(keys), 3, img_size, img_size)
+    logger.info("decoding %d images at %d px into %s", len(keys), img_size, npy)
+    try:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        errors = _decode_into(images, keys, img_size, preprocess, workers, progress)
+        images.flush()
+        del images
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, npy)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_json(directory / f"{name}.json", {
+        "version": STORE_VERSION, "img_size": img_size, "preprocess_key": preprocess_key,
+        "shape": list(shape), "bytes": npy.stat().st_size, "keys": keys,
+        "errors": {str(row): reason for row, reason in errors.items()},
+    })
+
+
+def _decode_into(images, keys, img_size, preprocess, workers, progress) -> dict[int, str]:
+    """Fill ``images`` row by row; return {row: reason} for keys that could not be decoded."""
+    errors: dict[int, str] = {}
+    done = 0
+    for row, result in _decoded(keys, img_size, workers):
+        if isinstance(result, str):
+            errors[row] = result
+            logger.warning("left out: %s", result)
+        else:
+            image = torch.as_tensor(result)
+            if preprocess is not None:
+                image = preprocess(image)
+            images[row] = image.numpy()
+        done += 1
+        if progress is not None:
+            progress(done, len(keys))
+    return errors
+
+
+def _decoded(keys: Sequence[str], img_size: int, workers: int) -> Iterator[tuple[int, np.ndarray | str]]:
+    if workers <= 0 or len(keys) <= CHUNK:
+        for row, key in enumerate(keys):
+            yield row, _decode_or_reason(key, img_size)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [list(keys[start : start + CHUNK]) for start in range(0, len(keys), CHUNK)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        row = 0
+        for results in pool.map(_decode_chunk, chunks, [img_size] * len(chunks)):
+            for result in results:
+                yield row, result
+                row += 1
+
+
+def _decode_chunk(keys: list[str], img_size: int) -> list[np.ndarray | str]:
+    torch.set_num_threads(1)
+    return [_decode_or_reason(key, img_size) for key in keys]
+
+
+def _decode_or_reason(key: str, img_size: int) -> np.ndarray | str:
+    try:
+        return decode_resized(key, img_size).numpy()
+    except ValueError as error:
+        return str(error)
