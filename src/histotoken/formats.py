@@ -49,6 +49,19 @@ PREDICTIONS_SUFFIX = ".predictions.csv"
 PREDICTION_COLUMNS = ("path", "patient_id", "target", "prediction")
 PROBABILITY_PREFIX = "prob/"
 
+# explain/<domain>/ (histotoken explain): explain.json (scores, selected images, timings) and PNG figures.
+EXPLAIN_DIR = "explain"
+EXPLAIN_SCORES = "explain.json"
+EXPLAIN_FIGURES = {
+    "per_image": "per_image.png",  # each explained image with every method's overlay
+    "outcomes": "outcomes_{method}.png",  # class x TP/FP/FN grid of the most confident images
+    "token_maps": "token_maps.png",  # TokenLearner's S spatial maps
+    "kept_patches": "kept_patches.png",  # CNN-pruned ViT: scorer map and kept patches
+    "merge_sources": "merge_sources.png",  # token merging: which patches each final token holds
+    "tsne": "tsne.png",  # t-SNE of pooled features, by class and by magnification
+    "faithfulness": "faithfulness.png",  # mean deletion / insertion curves against random order
+}
+
 # Grid claims (histotoken.experiments.locks): claim.json exists while one worker owns the run
 # (host, pid, start time; its mtime is the heartbeat); attempts.jsonl gets one line per claim
 # that went on to train/evaluate, written only by the claim's holder.
@@ -130,6 +143,10 @@ class RunPaths:
         """eval/<domain>.predictions.csv: one row per test image (see PREDICTION_COLUMNS)."""
         suffix = f"{EVAL_VARIANT_SEPARATOR}{variant}" if variant else ""
         return self.eval_dir / f"{domain}{suffix}{PREDICTIONS_SUFFIX}"
+
+    def explain_dir(self, domain: str) -> Path:
+        """explain/<domain>/: the figures and explain.json of `histotoken explain`."""
+        return self.root / EXPLAIN_DIR / domain
 
     @property
     def claim(self) -> Path:
