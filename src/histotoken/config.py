@@ -79,6 +79,8 @@ class RunConfig:
             raise ValueError(f"stain_norm must be one of {STAIN_NORMS}; got {self.stain_norm!r}")
         if self.stain_augment not in STAIN_AUGMENTS:
             raise ValueError(f"stain_augment must be one of {STAIN_AUGMENTS}; got {self.stain_augment!r}")
+        if self.stain_norm != "none" and not self.stain_target:
+            raise ValueError(f"stain_norm={self.stain_norm} needs a target H&E image: give --stain-target IMAGE")
         if self.logger not in LOGGERS:
             raise ValueError(f"logger must be one of {LOGGERS}; got {self.logger!r}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:

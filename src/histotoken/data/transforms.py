@@ -18,41 +18,51 @@ HED_SCALE_SIGMA = 0.05
 HED_SHIFT_SIGMA = 0.05
 
 
+def hed_jitter(image: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Scale and shift the haematoxylin, eosin and DAB amounts of a (3, H, W) uint8 image.
+
+    Optical density (natural log, Beer-Lambert) is deconvolved with Ruifrok & Johnston's stain matrix
+    (scikit-image's ``hed_from_rgb``); each amount ``s`` becomes ``s * scale[c] + shift[c]`` (shift in
+    optical-density units) and the result is recomposed with ``rgb_from_hed``. Amounts are not
+    clipped, so ``scale = 1, shift = 0`` returns the image unchanged.
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"HED jitter takes (3, H, W) uint8 images; got {image.dtype} {tuple(image.shape)}")
+    channels, height, width = image.shape
+    # Row-vector convention of scikit-image: stains (N, 3) = optical density (N, 3) @ hed_from_rgb.
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=torch.float32)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
+    light = (image.reshape(3, -1).T.float() / 255).clamp_min(1e-6)  # (3, H, W) -> (H*W, 3) in (0, 1]
+    stains = -torch.log(light) @ to_hed  # (H*W, 3): haematoxylin, eosin, DAB amounts
+    light = torch.exp(-((stains * scale + shift) @ to_rgb))  # (H*W, 3)
+    rgb = (light * 255).round().clamp(0, 255).to(torch.uint8)
+    return rgb.T.reshape(channels, height, width)  # (H*W, 3) -> (3, H, W)
+
+
 class RandomHEDJitter(torch.nn.Module):
     """HED colour augmentation (Tellez et al., 2018) on (3, H, W) uint8 images.
 
     Tellez, Balkenhol et al., "Whole-slide mitosis detection in H&E breast histology using PHH3 as
     a reference to train distilled stain-invariant convolutional networks", IEEE TMI 2018. The image
-    is taken to optical density (Beer-Lambert, natural log) and deconvolved into haematoxylin, eosin
-    and DAB amounts with Ruifrok & Johnston's stain matrix (scikit-image's ``hed_from_rgb``); each
-    channel ``s`` becomes ``s * alpha + beta`` with ``alpha ~ U(1 - scale_sigma, 1 + scale_sigma)`` and
-    ``beta ~ U(-shift_sigma, shift_sigma)`` (optical-density units) drawn per image and channel; then
-    back to RGB. Stain amounts are not clipped, so with both sigmas 0 the map is the identity.
+    is deconvolved into haematoxylin, eosin and DAB amounts and each amount ``s`` becomes
+    ``s * alpha + beta`` with ``alpha ~ U(1 - scale_sigma, 1 + scale_sigma)`` and
+    ``beta ~ U(-shift_sigma, shift_sigma)`` (optical-density units), drawn per image and channel
+    (see ``hed_jitter``). With both sigmas 0 the map is the identity.
     """
 
     def __init__(self, scale_sigma: float = HED_SCALE_SIGMA, shift_sigma: float = HED_SHIFT_SIGMA) -> None:
         super().__init__()
-        from skimage.color import hed_from_rgb, rgb_from_hed
-
         if scale_sigma < 0 or shift_sigma < 0:
             raise ValueError(f"HED jitter sigmas must be at least 0; got {scale_sigma}, {shift_sigma}")
         self.scale_sigma = scale_sigma
         self.shift_sigma = shift_sigma
-        # Row-vector convention of scikit-image: stains (N, 3) = optical density (N, 3) @ hed_from_rgb.
-        self.register_buffer("hed_from_rgb", torch.as_tensor(hed_from_rgb, dtype=torch.float32), persistent=False)
-        self.register_buffer("rgb_from_hed", torch.as_tensor(rgb_from_hed, dtype=torch.float32), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"RandomHEDJitter takes (3, H, W) uint8 images; got {image.dtype} {tuple(image.shape)}")
-        channels, height, width = image.shape
-        light = (image.reshape(3, -1).T.float() / 255).clamp_min(1e-6)  # (3, H, W) -> (H*W, 3) in (0, 1]
-        stains = -torch.log(light) @ self.hed_from_rgb  # (H*W, 3): haematoxylin, eosin, DAB amounts
         scale = torch.empty(3).uniform_(1 - self.scale_sigma, 1 + self.scale_sigma)
         shift = torch.empty(3).uniform_(-self.shift_sigma, self.shift_sigma)
-        light = torch.exp(-((stains * scale + shift) @ self.rgb_from_hed))  # (H*W, 3)
-        rgb = (light * 255).round().clamp(0, 255).to(torch.uint8)
-        return rgb.T.reshape(channels, height, width)  # (H*W, 3) -> (3, H, W)
+        return hed_jitter(image, scale, shift)
 
     def extra_repr(self) -> str:
         return f"scale_sigma={self.scale_sigma}, shift_sigma={self.shift_sigma}"

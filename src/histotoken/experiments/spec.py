@@ -16,6 +16,7 @@ or folds, the shared training protocol and the efficiency-benchmark settings::
     split: {scheme: patient, val: 0.15, test: 0.15}
     protocol: {img_size: 224, epochs: 100, batch_size: 32, pretrained: true}
     efficiency: {batch_size: 32, rounds: 5}
+    factors: {stain_norm: [none, macenko]}   # other settings to cross with the grid (see expand)
     reference_model: deit_small_patch16_224   # paired differences in the report (default: the first model)
     launcher: {partition: gpu, gpus_per_task: 1, timeout_min: 720, mem_gb: 32, cpus_per_task: 8}
 
@@ -26,6 +27,7 @@ or folds, the shared training protocol and the efficiency-benchmark settings::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ SPEC_KEYS = {
     "name", "description", "data", "tasks", "models", "train_domains", "test_domains",
     "seeds", "folds", "split", "protocol", "efficiency", "reference_model", "launcher",
     "synthetic",  # used by `histotoken demo` to make its data set; ignored by `grid`
+    "factors",  # run settings crossed with the grid, e.g. {stain_norm: [none, macenko]}
 }
 # Protocol keys the grid sets itself, per run.
 PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds"}
@@ -59,6 +62,7 @@ class StudySpec:
     protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
     efficiency: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    factors: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # setting -> values
     reference_model: str | None = None
     launcher: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -81,6 +85,7 @@ class StudySpec:
             "split": dict(self.split),
             "protocol": dict(self.protocol),
             "efficiency": dict(self.efficiency),
+            "factors": {key: list(values) for key, values in self.factors.items()},
             "reference_model": self.reference_model,
             "launcher": dict(self.launcher),
         }
@@ -101,10 +106,14 @@ class PlannedRun:
     seed: int
     fold: int | None
     split_name: str  # seed<N> or fold<I>
+    settings: tuple[tuple[str, Any], ...] = ()  # this run's values of the spec's factors
 
     def config(self, spec: StudySpec, splits_csv: Path) -> RunConfig:
+        base = spec.base_config()
+        if self.settings:
+            base = merge_config(RunConfig, base, dict(self.settings), f"factors of run {self.run_id}")
         return dataclasses.replace(
-            spec.base_config(),
+            base,
             data=spec.data,
             model=_model_text(self.model),
             task=self.task,
@@ -161,10 +170,17 @@ def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) ->
         split=dict(raw.get("split") or {}),
         protocol=protocol,
         efficiency=dict(raw.get("efficiency") or {}),
+        factors=_factors(raw.get("factors"), protocol, source),
         reference_model=_reference_label(raw.get("reference_model"), source),
         launcher=dict(raw.get("launcher") or {}),
     )
     spec.base_config()  # validates protocol values and task names early, naming the file
+    for settings in _factor_levels(spec):
+        try:
+            merge_config(RunConfig, spec.base_config(), dict(settings), f"{source}: factors")
+        except ValueError as error:
+            message = str(error) if source in str(error) else f"{source}: factors {dict(settings)}: {error}"
+            raise ValueError(message) from None
     for task in tasks:
         merge_config(RunConfig, RunConfig(), {"task": task}, source)
     labels = [m.label for m in spec.models]
@@ -188,8 +204,38 @@ def _reference_label(value: Any, source: str) -> str | None:
         raise ValueError(f"{source}: reference_model: {error}") from None
 
 
+def _factors(raw: Any, protocol: dict[str, Any], source: str) -> dict[str, tuple[Any, ...]]:
+    """``factors:`` as {RunConfig setting: values} (``spec_from_dict`` checks every combination)."""
+    if not raw:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: 'factors' must map settings to lists of values, e.g. {{stain_norm: [none, macenko]}}")
+    factors = {}
+    for key, values in raw.items():
+        if key in PER_RUN_KEYS or key in protocol:
+            where = "the grid sets it per run" if key in PER_RUN_KEYS else "protocol sets it too"
+            raise ValueError(f"{source}: factor {key!r} cannot vary: {where}")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{source}: factor {key!r} must list at least one value, e.g. {key}: [a, b]")
+        if len({str(v) for v in values}) != len(values):
+            raise ValueError(f"{source}: factor {key!r} lists a value twice: {values}")
+        factors[str(key)] = tuple(values)
+    return factors
+
+
+def _factor_levels(spec: StudySpec) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the factors' values, in the order the spec lists them."""
+    keys = list(spec.factors)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(spec.factors[k] for k in keys))]
+
+
+def _factor_suffix(settings: tuple[tuple[str, Any], ...], spec: StudySpec) -> str:
+    """``__stain_norm-macenko`` for each factor with more than one value (run ids name what varies)."""
+    return "".join(f"__{key}-{value}" for key, value in settings if len(spec.factors[key]) > 1)
+
+
 def expand(spec: StudySpec) -> list[PlannedRun]:
-    """Every (model, task, train domain, seed or fold) combination, in a stable order."""
+    """Every (model, task, train domain, factor values, seed or fold) combination, in a stable order."""
     if spec.folds:
         partitions = [(spec.seeds[0], fold, f"fold{fold}") for fold in range(int(spec.folds))]
     else:
@@ -199,8 +245,10 @@ def expand(spec: StudySpec) -> list[PlannedRun]:
         for task in spec.tasks:
             for model in spec.models:
                 for domain in spec.train_domains:
-                    run_id = safe_name(f"{model.label}__{task}__train{domain}__{split_name}")
-                    runs.append(PlannedRun(run_id, model, task, domain, seed, fold, split_name))
+                    for settings in _factor_levels(spec):
+                        suffix = _factor_suffix(settings, spec)
+                        run_id = safe_name(f"{model.label}__{task}__train{domain}{suffix}__{split_name}")
+                        runs.append(PlannedRun(run_id, model, task, domain, seed, fold, split_name, settings))
     return runs
 
 
