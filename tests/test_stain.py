@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from histotoken.data.stain import StainNormaliser, make_stain_normaliser, run_stain_normaliser
+from histotoken.data.stain import (
+    StainNormaliser,
+    make_stain_normaliser,
+    run_stain_normaliser,
+    saved_stain_normaliser,
+)
 from histotoken.data.synthetic import render_image
 from histotoken.data.transforms import RandomHEDJitter, hed_jitter, train_transform
 from histotoken.formats import RunPaths
@@ -132,8 +137,20 @@ def test_run_folder_keeps_the_target_and_its_stain_matrix(tmp_path):
     assert torch.equal(again(source), normaliser(source))
 
 
+def test_evaluation_finds_the_normaliser_a_run_trained_with(tmp_path):
+    run_dir = tmp_path / "run"
+    target = write_png(synthetic_he("14-10001", size=(64, 48)), tmp_path / "target.png")
+    _, key = run_stain_normaliser("reinhard", target, run_dir)
+    normaliser, saved_key = saved_stain_normaliser(run_dir)
+    assert saved_key == key and normaliser.method == "reinhard"
+    RunPaths(run_dir).stain_target.unlink()
+    with pytest.raises(FileNotFoundError, match="stain_target.png"):
+        saved_stain_normaliser(run_dir)
+
+
 def test_no_stain_normalisation_needs_no_target(tmp_path):
     assert run_stain_normaliser("none", None, tmp_path) == (None, "")
+    assert saved_stain_normaliser(tmp_path) == (None, "")
     assert not RunPaths(tmp_path).stain.exists()
 
 

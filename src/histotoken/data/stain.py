@@ -193,11 +193,11 @@ def make_stain_normaliser(method: str, target_path: str | Path) -> tuple[StainNo
 def run_stain_normaliser(
     method: str, target_path: str | Path | None, run_dir: str | Path
 ) -> tuple[StainNormaliser | None, str]:
-    """The run's stain normaliser and store key; ``(None, "")`` when ``method`` is ``none``.
+    """The run's stain normaliser and store key, for training; ``(None, "")`` when ``method`` is ``none``.
 
     The first call of a run fits on ``target_path`` and saves the target and its fitted
     parameters in the run folder (RunPaths.stain_target, RunPaths.stain); later calls (a resumed
-    run, an evaluation) fit on the saved copy, so the run folder alone reproduces it.
+    run) fit on the saved copy, so the run folder alone reproduces it.
     """
     if method == "none":
         return None, ""
@@ -219,6 +219,23 @@ def run_stain_normaliser(
     normaliser.save(paths.stain_target, paths.stain, str(Path(target_path).expanduser().resolve()))
     logger.info("stain target %s (%s) saved as %s", target_path, method, paths.stain_target)
     return normaliser, key
+
+
+def saved_stain_normaliser(run_dir: str | Path) -> tuple[StainNormaliser | None, str]:
+    """The stain normaliser a trained run used (from its stain.json and target copy), or ``(None, "")``.
+
+    For everything that reads a finished run folder: evaluation, prediction, export.
+    """
+    paths = RunPaths(Path(run_dir))
+    method = _read_saved_method(paths.stain)
+    if method is None:
+        return None, ""
+    if not paths.stain_target.is_file():
+        raise FileNotFoundError(
+            f"{paths.stain} names stain normalisation {method!r} but {paths.stain_target} is missing; "
+            "restore it from the run's copy, or train the run again"
+        )
+    return make_stain_normaliser(method, paths.stain_target)
 
 
 def _read_saved_method(path: Path) -> Any:
