@@ -224,7 +224,9 @@ def _decoded(keys: Sequence[str], img_size: int, workers: int) -> Iterator[tuple
     from concurrent.futures import ProcessPoolExecutor
 
     chunks = [list(keys[start : start + CHUNK]) for start in range(0, len(keys), CHUNK)]
-    context = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
+    # fork, as DataLoader workers do (torch resets its thread pool in the child); spawn where there is no fork
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         row = 0
         for results in pool.map(_decode_chunk, chunks, [img_size] * len(chunks)):
