@@ -238,3 +238,64 @@ class StudyPaths:
     @property
     def submitit(self) -> Path:
         return self.root / SUBMITIT_DIR
+
+
+# --------------------------------------------------------------------------- tile folder
+
+# ``histotoken tile SLIDES --out TILES_DIR`` (histotoken.data.wsi.tiling): one coordinate table per slide,
+# written atomically and last, so its presence marks a finished slide (a re-run skips it).
+TILE_TABLES_DIR = "tiles"  # tiles/<slide>.parquet
+TILE_THUMBNAILS_DIR = "thumbnails"  # thumbnails/<slide>.png: tissue contour and kept tiles
+TILE_SLIDE_RECORDS_DIR = "slides"  # slides/<slide>.json: the slide's summary row (done or failed)
+TILE_SUMMARY = "summary.csv"  # one row per slide, rebuilt from slides/*.json
+TILE_SETTINGS = "tiling.json"  # the tiling settings; a re-run with other settings is refused
+# Columns of tiles/<slide>.parquet: x, y (top-left) in level-0 pixels; read a read_size square at `level`
+# and resize it to tile_size; mpp is the tile's microns per pixel; label is "tumor", "normal" or "" (unknown).
+TILE_COLUMNS = (
+    "slide", "slide_path", "x", "y", "level", "read_size", "tile_size", "mpp",
+    "tissue_fraction", "tumor_fraction", "label", "slide_label", "patient_id",
+)
+TILE_CLASS_NAMES = ("normal", "tumor")
+TILE_SUMMARY_COLUMNS = (
+    "slide", "slide_path", "status", "error", "n_tiles", "n_tumor_tiles", "tissue_mm2", "slide_mpp",
+    "mpp", "level", "width", "height", "slide_label", "patient_id", "annotations", "seconds",
+)
+
+# ``histotoken predict RUN_DIR SLIDES --out DIR`` (histotoken.engine.slides): per-slide outputs.
+SLIDE_PREDICTIONS_DIR = "tiles"  # tiles/<slide>.parquet: the tile table plus prob/<class> columns
+SLIDE_HEATMAPS_DIR = "heatmaps"  # heatmaps/<slide>.png: tumour probability over the thumbnail
+SLIDE_SCORES = "slides.csv"  # one row per slide (SLIDE_SCORE_COLUMNS)
+SLIDE_EVAL = "eval.json"  # with slide labels: slide- and tile-level metrics (eval/<domain>.json shape)
+SLIDE_SCORE_COLUMNS = ("slide", "n_tiles", "score_max", "score_topk_mean", "prediction", "slide_label", "patient_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePaths:
+    """Every path inside a tile folder (``histotoken tile --out TILES_DIR``)."""
+
+    root: Path
+
+    def table(self, slide: str) -> Path:
+        return self.root / TILE_TABLES_DIR / f"{slide}.parquet"
+
+    def thumbnail(self, slide: str) -> Path:
+        return self.root / TILE_THUMBNAILS_DIR / f"{slide}.png"
+
+    def record(self, slide: str) -> Path:
+        return self.root / TILE_SLIDE_RECORDS_DIR / f"{slide}.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / TILE_SUMMARY
+
+    @property
+    def settings(self) -> Path:
+        return self.root / TILE_SETTINGS
+
+    def tables(self) -> list[Path]:
+        return sorted((self.root / TILE_TABLES_DIR).glob("*.parquet"))
+
+
+def is_tile_folder(path: Path) -> bool:
+    """True for a folder written by ``histotoken tile`` (it has tiling.json and a tiles/ folder)."""
+    return (Path(path) / TILE_SETTINGS).is_file() and (Path(path) / TILE_TABLES_DIR).is_dir()
