@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
@@ -270,3 +270,51 @@ def tokenlearner_vit_tiny(pretrained: bool = False, **kwargs: Any) -> TokenLearn
     model_args = dict(patch_size=16, embed_dim=192, depth=6, num_heads=3, num_tokens=8)
     return _create_tokenlearner_vit("tokenlearner_vit_tiny", pretrained, **dict(model_args, **kwargs))
 
+
+
+# --------------------------------------------------------------------------- 32 px prototyping (CIFAR-10)
+# The Keras TokenLearner example (keras.io/examples/vision/token_learner) trains a mini ViT on
+# CIFAR-10: 4 transformer layers of width 128, 4 heads, TokenLearner to a few tokens after the
+# second layer. These two variants are that setting at 32 px with patch 4 (64 patch tokens -> 8).
+
+default_cfgs.update(generate_default_cfgs({
+    "tokenlearner_vit_mini": model_cfg(
+        "patch_embed.proj", fixed_input_size=True, input_size=(3, 32, 32), crop_pct=1.0, paper_ids="arXiv:2106.11297"
+    ),
+    "vit_mini_patch4_32": model_cfg("patch_embed.proj", fixed_input_size=True, input_size=(3, 32, 32), crop_pct=1.0),
+}))
+MINI_ARGS = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
+
+
+@register_model
+def tokenlearner_vit_mini(pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
+    """Mini ViT for 32 px (patch 4, 4 blocks of width 128), 64 patch tokens -> 8 learned tokens after block 2."""
+    if pretrained:
+        raise ValueError("tokenlearner_vit_mini has no pretrained weights; it is trained from scratch (CIFAR-10 prototyping)")
+    model_args = dict(MINI_ARGS, num_tokens=8, learner_after=2)
+    return build_model_with_cfg(TokenLearnerViT, "tokenlearner_vit_mini", pretrained=False, **dict(model_args, **kwargs))
+
+
+class TokenCountingViT(VisionTransformer):
+    """timm's VisionTransformer; every block sees the class token and all N patch tokens.
+
+    The counts follow from the architecture, so they are properties (the forward stays timm's own).
+    """
+
+    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        return [int(self.patch_embed.num_patches) + self.num_prefix_tokens] * len(self.blocks)
+
+    @property
+    def token_info(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+@register_model
+def vit_mini_patch4_32(pretrained: bool = False, **kwargs: Any) -> TokenCountingViT:
+    """The same mini ViT without TokenLearner (all 64 patch tokens in every block): timm's VisionTransformer."""
+    if pretrained:
+        raise ValueError("vit_mini_patch4_32 has no pretrained weights; it is trained from scratch (CIFAR-10 prototyping)")
+    return build_model_with_cfg(TokenCountingViT, "vit_mini_patch4_32", pretrained=False, **dict(MINI_ARGS, **kwargs))
