@@ -87,9 +87,27 @@ def test_blank_image_is_left_unchanged_with_a_warning_naming_it(tmp_path, caplog
     blank = torch.full((3, 40, 40), 244, dtype=torch.uint8)
     blank[:, :4, :4] = 120  # a speck of something, far below the tissue share needed for a fit
     with caplog.at_level(logging.WARNING, logger="histotoken.data.stain"):
-        result = normaliser(blank, source="slides/blank_tile.png")
+        result = normaliser.normalise_or_keep(blank, "slides/blank_tile.png")
     assert torch.equal(result, blank)
     assert "slides/blank_tile.png" in caplog.text
+
+
+def test_store_normalises_tissue_and_keeps_a_blank_tile_with_a_warning_naming_it(tmp_path, caplog):
+    import pandas as pd
+
+    from histotoken.data.dataset import ImageStore, load_image
+
+    tissue = write_png(synthetic_he("14-20000", "fibroadenoma", size=(48, 40)), tmp_path / "tissue.png")
+    blank = write_png(torch.full((3, 40, 48), 243, dtype=torch.uint8), tmp_path / "blank_tile.png")
+    normaliser, key = make_stain_normaliser("macenko", write_png(synthetic_he("14-10001"), tmp_path / "target.png"))
+    frame = pd.DataFrame({"path": [tissue, blank]})
+    with caplog.at_level(logging.WARNING):
+        store = ImageStore.build(frame, 32, preprocess=normaliser, preprocess_key=key, cache_dir=tmp_path / "stores")
+    assert len(store.frame) == 2 and not store.skipped  # the blank tile is kept, not dropped
+    assert torch.equal(store.images[1], load_image(blank, 32))
+    assert torch.equal(store.images[0], normaliser(load_image(tissue, 32)))
+    assert not torch.equal(store.images[0], load_image(tissue, 32))
+    assert "blank_tile.png" in caplog.text and "tissue.png" not in caplog.text
 
 
 def test_blank_target_is_refused_naming_the_file(tmp_path):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from histotoken.data.store import PreprocessSkipped
 from histotoken.formats import RunPaths
 from histotoken.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -41,8 +42,12 @@ TISSUE_OD_THRESHOLD = 0.15
 MIN_TISSUE_FRACTION = 0.01
 
 
-class StainFitError(RuntimeError):
-    """The stain model could not be fitted on an image (blank or background-only)."""
+class StainFitError(PreprocessSkipped):
+    """The stain model could not be fitted on an image (blank or background-only).
+
+    The decoded store catches it (as ``PreprocessSkipped``), keeps the image unnormalised and warns,
+    naming the file.
+    """
 
 
 def tissue_fraction(image: torch.Tensor) -> float:
@@ -54,11 +59,11 @@ def tissue_fraction(image: torch.Tensor) -> float:
 class StainNormaliser:
     """A fitted torchstain normaliser as a picklable callable on (3, H, W) uint8 tensors.
 
-    ``normaliser(image, source)`` returns the normalised image (same shape, uint8). When the
-    stain model cannot be fitted on ``image`` (too little tissue, or a degenerate fit) the image
-    is returned unchanged and a warning names ``source`` (a file path where the caller has one).
-    ``key`` names the method, the torchstain version and a hash of the target's pixels, for cache
-    keys of stores built with this normaliser.
+    ``normaliser(image)`` returns the normalised image (same shape, uint8), or raises StainFitError
+    when the stain model cannot be fitted on ``image`` (too little tissue, or a degenerate fit):
+    the decoded store then keeps the image as it is and warns, naming the file. Elsewhere (e.g.
+    prediction) ``normalise_or_keep(image, source)`` does the same in one call. ``key`` names the
+    method, the torchstain version and a hash of the target's pixels, for the store's cache key.
     """
 
     def __init__(self, method: str, target: torch.Tensor, target_name: str = "the stain target") -> None:
@@ -106,7 +111,7 @@ class StainNormaliser:
             return {"stain_matrix_he": self._normaliser.HERef, "max_concentrations": self._normaliser.maxCRef}
         return {"lab_means": self._normaliser.target_means, "lab_stds": self._normaliser.target_stds}
 
-    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """Normalise one (3, H, W) uint8 image; raises StainFitError when it cannot be fitted."""
         fraction = tissue_fraction(image)
         if fraction < MIN_TISSUE_FRACTION:
@@ -124,13 +129,14 @@ class StainNormaliser:
             raise StainFitError("the fitted stain concentrations are not finite")
         return result.to(torch.uint8).contiguous()
 
-    def __call__(self, image: torch.Tensor, source: str | None = None) -> torch.Tensor:
+    def normalise_or_keep(self, image: torch.Tensor, source: str) -> torch.Tensor:
+        """The normalised image, or ``image`` itself with a warning naming ``source`` when it cannot be fitted."""
         try:
-            return self.normalise(image)
+            return self(image)
         except StainFitError as error:
             logger.warning(
                 "stain normalisation (%s) left %s unnormalised: %s",
-                self.method, source or f"an image of shape {tuple(image.shape)}", error,
+                self.method, source, error,
             )
             return image
 
@@ -181,8 +187,9 @@ def read_target(path: str | Path) -> torch.Tensor:
 def make_stain_normaliser(method: str, target_path: str | Path) -> tuple[StainNormaliser, str]:
     """A normaliser fitted on the image at ``target_path``, and its store cache key.
 
-    The normaliser maps a (3, H, W) uint8 tensor to a uint8 tensor of the same shape; call it as
-    ``normaliser(image, source=path)`` so that a warning about an unfittable image names the file.
+    The normaliser maps a (3, H, W) uint8 tensor to a uint8 tensor of the same shape (pass it to
+    ``ImageStore.build(..., preprocess=normaliser, preprocess_key=key)``); on a blank or
+    background-only image it raises StainFitError, which the store turns into a warning naming the file.
     """
     if method not in STAIN_NORM_METHODS or method == "none":
         raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_NORM_METHODS[1:]}")

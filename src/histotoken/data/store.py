@@ -47,6 +47,11 @@ STORES_DIR = "stores"
 CHUNK = 32  # images per task sent to a decoding worker
 
 
+class PreprocessSkipped(Exception):
+    """Raised by a preprocess function that cannot handle one image (e.g. stain normalisation of a
+    blank tile); the store keeps that image as decoded and warns, naming its key."""
+
+
 def default_store_dir() -> Path:
     from histotoken.data.index import cache_dir
 
@@ -207,7 +212,10 @@ def _decode_into(images, keys, img_size, preprocess, workers, progress) -> dict[
         else:
             image = torch.as_tensor(result)
             if preprocess is not None:
-                image = preprocess(image)
+                try:
+                    image = preprocess(image)
+                except PreprocessSkipped as error:
+                    logger.warning("%s is stored without preprocessing: %s", keys[row], error)
             images[row] = image.numpy()
         done += 1
         if progress is not None:
