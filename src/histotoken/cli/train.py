@@ -27,6 +27,8 @@ Examples:
   histotoken train --data ~/data/BreaKHis --model deit_small_patch16_224 --task subtype \\
       --train-domain 100+400 --pretrained --out runs/deit_mixed
   histotoken train --config run.yaml --out runs/a epochs=5 lr=1e-4
+  histotoken train --data ~/data/BreaKHis --stain-norm macenko --stain-target ref_tile.png \
+      --stain-augment hed --out runs/r18_macenko
 """
 
 
@@ -54,6 +56,14 @@ def add_parser(subparsers):
     parser.add_argument("--pretrained", action="store_const", const=True, help="start from timm hub weights (needs network)")
     parser.add_argument("--weights", metavar="FILE", help="start from a local .safetensors or timm checkpoint")
     parser.add_argument("--merge-r", type=int, help="token merging: tokens merged per block (ViT/DeiT)")
+    parser.add_argument(
+        "--stain-norm", choices=["none", "macenko", "reinhard", "vahadane"],
+        help="normalise every image's stain to --stain-target once, when the image store is built (torchstain)",
+    )
+    parser.add_argument("--stain-target", metavar="IMAGE", help="target H&E image of --stain-norm (copied to the run)")
+    parser.add_argument(
+        "--stain-augment", choices=["none", "hed"], help="hed: HED stain jitter in training (Tellez et al. 2018)"
+    )
     parser.add_argument("--devices", help="Lightning devices, e.g. 1, 4 or auto (default auto)")
     parser.add_argument("--accelerator", help="cpu, gpu or auto (default auto)")
     parser.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed", "16-mixed"], help="numeric precision (default auto)")
@@ -61,6 +71,7 @@ def add_parser(subparsers):
 
 
 FLAG_FIELDS = {
+    "stain_norm": "stain_norm", "stain_target": "stain_target", "stain_augment": "stain_augment",
     "data": "data", "data_format": "data_format", "groups": "groups",
     "model": "model", "task": "task", "train_domain": "train_domain", "splits": "splits",
     "img_size": "img_size", "epochs": "epochs", "stages": "stage_epochs", "batch_size": "batch_size",
