@@ -27,7 +27,7 @@ Examples:
   histotoken train --data ~/data/BreaKHis --model deit_small_patch16_224 --task subtype \\
       --train-domain 100+400 --pretrained --out runs/deit_mixed
   histotoken train --config run.yaml --out runs/a epochs=5 lr=1e-4
-  histotoken train --data ~/data/BreaKHis --stain-norm macenko --stain-target ref_tile.png \
+  histotoken train --data ~/data/BreaKHis --stain-norm macenko --stain-target ref_tile.png \\
       --stain-augment hed --out runs/r18_macenko
 """
 
