@@ -9,6 +9,7 @@ for the dataset preview. Every number comes from a seeded numpy generator, and t
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -55,6 +56,33 @@ def _shift(train_domain: str, test_domain: str) -> float:
     if train == {"400"} and test == {"100"}:
         return 0.15
     return 0.12  # partly seen (single -> mixed)
+
+
+def test_images(test_domain: str) -> list[tuple[str, str, int]]:
+    """(path, patient_id, class index) of a test domain's images: the same for every run, like a shared
+    split; a mixed domain holds the images of its magnifications."""
+    images = []
+    for magnification in test_domain.split("+"):
+        for class_index in range(len(SUBTYPES)):
+            patient_id = f"14-{1000 + 10 * class_index + 2}"  # the class's test patient
+            for k in range(6 + class_index % 3):
+                images.append((f"{magnification}X/{patient_id}/img{k:02d}.png", patient_id, class_index))
+    return images
+
+
+def _predictions(rng: np.random.Generator, test_domain: str, quality: float) -> pd.DataFrame:
+    """eval/<domain>.predictions.csv: each image right with probability about ``quality``."""
+    rows = []
+    n_classes = len(SUBTYPES)
+    correct_fraction = float(np.clip(quality, 0.05, 1.0))
+    for path, patient_id, target in test_images(test_domain):
+        right = rng.random() < correct_fraction
+        prediction = target if right else int((target + rng.integers(1, n_classes)) % n_classes)
+        probabilities = np.full(n_classes, 0.3 / (n_classes - 1))
+        probabilities[prediction] = 0.7
+        rows.append({"path": path, "patient_id": patient_id, "target": target, "prediction": prediction,
+                     **{f"prob/{name}": float(p) for name, p in zip(SUBTYPES, probabilities)}})
+    return pd.DataFrame(rows)
 
 
 def _confusion_matrix(rng: np.random.Generator, quality: float) -> np.ndarray:
@@ -196,6 +224,8 @@ def write_study(
     with_images: bool = True,
     with_efficiency: bool = True,
     rng_seed: int = 1234,
+    seeds: tuple[int, ...] = (SEED,),
+    with_predictions: bool = True,
 ) -> Path:
     """Write a data folder and a study folder under ``root``; return the study folder."""
     rng = np.random.default_rng(rng_seed)
@@ -215,7 +245,7 @@ def write_study(
         "models": [{"name": name, "kwargs": kwargs} for _, name, kwargs, *_ in models],
         "train_domains": list(train_domains),
         "test_domains": list(test_domains),
-        "seeds": [SEED],
+        "seeds": list(seeds),
         "folds": None,
         "split": {"scheme": "patient", "val": 0.15, "test": 0.15},
         "protocol": {"img_size": 64, "epochs": 3, "batch_size": 16, "lr": 0.001, "precision": "bf16-mixed"},
@@ -224,68 +254,75 @@ def write_study(
     (study / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     _write_json(study / "dataset.json", _dataset_json(data_root, split, synthetic))
     (study / "splits").mkdir()
-    split.to_csv(study / "splits" / f"seed{SEED}.csv", index=False)
+    for seed in seeds:
+        split.to_csv(study / "splits" / f"seed{seed}.csv", index=False)
 
     run_rows, result_rows = [], []
-    for label, name, kwargs, quality, *_ in models:
-        for train_domain in train_domains:
-            run_id = run_id_of(label, train_domain)
-            run_dir = study / "runs" / run_id
-            failed = (label, train_domain) == failed_run
-            error = "RuntimeError: loss is NaN at epoch 2 (try a lower learning rate)" if failed else None
-            run_rows.append({
-                "run_id": run_id, "model": label, "model_name": name, "model_kwargs": json.dumps(kwargs),
-                "task": TASK, "train_domain": train_domain, "seed": SEED,
-                "status": "failed" if failed else "finished", "error": error or "",
-                "run_dir": f"runs/{run_id}",
-            })
-            run_dir.mkdir(parents=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(_run_config(
-                name, kwargs, train_domain, data_root, study / "splits" / f"seed{SEED}.csv"
-            ), sort_keys=False), encoding="utf-8")
-            _write_json(run_dir / "environment.json", _environment(SEED))
-            split.to_csv(run_dir / "splits.csv", index=False)
-            two_stage = (label, train_domain) == TWO_STAGE_RUN
-            stages = [1, 2, 2] if two_stage else [1, 1, 1]
-            if failed:
-                _write_json(run_dir / "status.json", {"state": "failed", "error": error, "best_epoch": None,
-                                                       "stages": [1]})
-                continue
-            metrics = _metrics_csv(rng, stages, quality)
-            metrics.to_csv(run_dir / "metrics.csv", index=False)
-            best_row = int(metrics["val/macro_f1"].idxmax())
-            best_epoch = int(metrics["epoch"].iloc[best_row])  # epoch within its stage
-            _write_json(run_dir / "status.json", {"state": "finished", "error": None, "best_epoch": best_epoch,
-                                                   "stages": list(dict.fromkeys(stages))})
-            _write_json(run_dir / "checkpoints" / "best.json", {
-                "model_name": name, "model_kwargs": kwargs, "num_classes": len(SUBTYPES),
-                "class_names": list(SUBTYPES), "task": TASK, "img_size": 64, "epoch": best_epoch,
-                "stage": stages[best_row], "val/macro_f1": float(metrics["val/macro_f1"].max()),
-                "val/acc": float(metrics["val/acc"].iloc[best_row]),
-            })
-            for test_domain in test_domains:
+    for seed, (label, name, kwargs, quality, *_), train_domain in itertools.product(seeds, models, train_domains):
+        run_id = run_id_of(label, train_domain, seed)
+        run_dir = study / "runs" / run_id
+        failed = (label, train_domain) == failed_run
+        error = "RuntimeError: loss is NaN at epoch 2 (try a lower learning rate)" if failed else None
+        run_rows.append({
+            "run_id": run_id, "model": label, "model_name": name, "model_kwargs": json.dumps(kwargs),
+            "task": TASK, "train_domain": train_domain, "seed": seed,
+            "status": "failed" if failed else "finished", "error": error or "",
+            "run_dir": f"runs/{run_id}",
+        })
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(_run_config(
+            name, kwargs, train_domain, data_root, study / "splits" / f"seed{seed}.csv"
+        ), sort_keys=False), encoding="utf-8")
+        _write_json(run_dir / "environment.json", _environment(seed))
+        split.to_csv(run_dir / "splits.csv", index=False)
+        two_stage = (label, train_domain) == TWO_STAGE_RUN
+        stages = [1, 2, 2] if two_stage else [1, 1, 1]
+        if failed:
+            _write_json(run_dir / "status.json", {"state": "failed", "error": error, "best_epoch": None,
+                                                   "stages": [1]})
+            continue
+        metrics = _metrics_csv(rng, stages, quality)
+        metrics.to_csv(run_dir / "metrics.csv", index=False)
+        best_row = int(metrics["val/macro_f1"].idxmax())
+        best_epoch = int(metrics["epoch"].iloc[best_row])  # epoch within its stage
+        _write_json(run_dir / "status.json", {"state": "finished", "error": None, "best_epoch": best_epoch,
+                                               "stages": list(dict.fromkeys(stages))})
+        _write_json(run_dir / "checkpoints" / "best.json", {
+            "model_name": name, "model_kwargs": kwargs, "num_classes": len(SUBTYPES),
+            "class_names": list(SUBTYPES), "task": TASK, "img_size": 64, "epoch": best_epoch,
+            "stage": stages[best_row], "val/macro_f1": float(metrics["val/macro_f1"].max()),
+            "val/acc": float(metrics["val/acc"].iloc[best_row]),
+        })
+        for test_domain in test_domains:
+            if with_predictions:  # metrics computed from the per-image predictions written beside them
+                predictions = _predictions(rng, test_domain, quality - _shift(train_domain, test_domain))
+                (run_dir / "eval").mkdir(exist_ok=True)
+                predictions.to_csv(run_dir / "eval" / f"{test_domain}.predictions.csv", index=False)
+                matrix = np.zeros((len(SUBTYPES), len(SUBTYPES)), dtype=int)
+                np.add.at(matrix, (predictions["target"], predictions["prediction"]), 1)
+            else:
                 matrix = _confusion_matrix(rng, quality - _shift(train_domain, test_domain))
-                scores = _metrics_from_confusion(matrix)
-                patient_accuracy = float(np.clip(scores["accuracy"] + rng.normal(0, 0.05), 0, 1))
-                ci95 = {metric: _interval(rng, scores[metric])
-                        for metric in ("accuracy", "balanced_accuracy", "macro_f1")}
-                _write_json(run_dir / "eval" / f"{test_domain}.json", {
-                    "domain": test_domain, "task": TASK, "class_names": list(SUBTYPES),
-                    "accuracy": scores["accuracy"], "balanced_accuracy": scores["balanced_accuracy"],
-                    "macro_f1": scores["macro_f1"], "patient_accuracy": patient_accuracy, "ci95": ci95,
-                    "per_class": scores["per_class"], "confusion_matrix": matrix.tolist(),
-                    "n_images": int(matrix.sum()), "n_patients": len(SUBTYPES), "synthetic": synthetic,
-                    "model_name": name, "train_domain": train_domain,
-                    "checkpoint": "checkpoints/best.safetensors",
+            scores = _metrics_from_confusion(matrix)
+            patient_accuracy = float(np.clip(scores["accuracy"] + rng.normal(0, 0.05), 0, 1))
+            ci95 = {metric: _interval(rng, scores[metric])
+                    for metric in ("accuracy", "balanced_accuracy", "macro_f1")}
+            _write_json(run_dir / "eval" / f"{test_domain}.json", {
+                "domain": test_domain, "task": TASK, "class_names": list(SUBTYPES),
+                "accuracy": scores["accuracy"], "balanced_accuracy": scores["balanced_accuracy"],
+                "macro_f1": scores["macro_f1"], "patient_accuracy": patient_accuracy, "ci95": ci95,
+                "per_class": scores["per_class"], "confusion_matrix": matrix.tolist(),
+                "n_images": int(matrix.sum()), "n_patients": len(SUBTYPES), "synthetic": synthetic,
+                "model_name": name, "train_domain": train_domain,
+                "checkpoint": "checkpoints/best.safetensors",
+            })
+            for metric in ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy"):
+                value = patient_accuracy if metric == "patient_accuracy" else scores[metric]
+                low, high = ci95.get(metric, [None, None])
+                result_rows.append({
+                    "run_id": run_id, "model": label, "task": TASK, "train_domain": train_domain,
+                    "test_domain": test_domain, "seed": seed, "metric": metric, "value": value,
+                    "ci_low": low, "ci_high": high,
                 })
-                for metric in ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy"):
-                    value = patient_accuracy if metric == "patient_accuracy" else scores[metric]
-                    low, high = ci95.get(metric, [None, None])
-                    result_rows.append({
-                        "run_id": run_id, "model": label, "task": TASK, "train_domain": train_domain,
-                        "test_domain": test_domain, "seed": SEED, "metric": metric, "value": value,
-                        "ci_low": low, "ci_high": high,
-                    })
     pd.DataFrame(run_rows).to_csv(study / "runs.csv", index=False)
     pd.DataFrame(result_rows).to_csv(study / "results.csv", index=False)
     if with_efficiency:
