@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         for method, normaliser in normalisers.items():
             steps[f"{method} normalisation ({args.img_size} px, once per image)"] = (
-                lambda normaliser=normaliser: [normaliser(image) for image in resized]
+                lambda normaliser=normaliser: [
+                    normaliser.normalise_or_keep(image, path) for image, path in zip(resized, paths)
+                ]
             )
         steps[f"HED jitter ({args.img_size} px, every epoch)"] = lambda: [hed(image) for image in resized]
         times: dict[str, list[float]] = {name: [] for name in steps}
