@@ -32,9 +32,19 @@ def table(slide_set, tmp_path_factory):
 def test_read_tile_returns_channels_first_pixels_of_the_region(slide_set):
     tumour = read_tile(slide_set["tumour"], 384, 384, 1, 64, 64)  # inside the purple tumour
     tissue = read_tile(slide_set["tumour"], 640, 640, 1, 64, 32)  # pink tissue, resized
-    assert tumour.shape == (3, 64, 64) and tumour.dtype == np.uint8 and tissue.shape == (3, 32, 32)
-    assert np.abs(tumour.reshape(3, -1).mean(1) - PURPLE).max() < 4
-    assert np.abs(tissue.reshape(3, -1).mean(1) - PINK).max() < 4
+    assert tumour.shape == (3, 64, 64) and tumour.dtype == torch.uint8 and tissue.shape == (3, 32, 32)
+    assert np.abs(tumour.reshape(3, -1).float().mean(1).numpy() - PURPLE).max() < 4
+    assert np.abs(tissue.reshape(3, -1).float().mean(1).numpy() - PINK).max() < 4
+
+
+def test_read_tile_takes_a_table_row_alone(table):
+    from histotoken.data import wsi
+
+    row = table.iloc[3]
+    by_row = wsi.read_tile(row)
+    by_columns = read_tile(row["slide_path"], row["x"], row["y"], row["level"], row["read_size"], row["tile_size"])
+    assert by_row.shape == (3, TILE_SIZE, TILE_SIZE)
+    torch.testing.assert_close(by_row, by_columns, rtol=0, atol=0)
 
 
 def test_dataset_targets_follow_tile_labels(table):

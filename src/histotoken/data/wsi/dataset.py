@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,25 @@ def _slide(path: str | Path, mpp: float | None = None) -> Slide:
     return slide
 
 
-def read_tile(slide_path: str | Path, x: int, y: int, level: int, read_size: int, tile_size: int) -> np.ndarray:
-    """One tile as uint8 (3, tile_size, tile_size): a ``read_size`` square at ``level``, top-left at level-0
-    (x, y), resized to ``tile_size``. The columns of a tile table give every argument."""
+def read_tile(
+    slide_path: str | Path | Mapping,
+    x: int | None = None,
+    y: int | None = None,
+    level: int | None = None,
+    read_size: int | None = None,
+    tile_size: int | None = None,
+) -> torch.Tensor:
+    """One tile as a uint8 tensor (3, tile_size, tile_size): a ``read_size`` square at ``level``, top-left at
+    level-0 (x, y), resized to ``tile_size``. The columns of a tile table give every argument, so a table
+    row (a mapping or pandas Series with those columns) may be passed alone: ``read_tile(table.iloc[i])``."""
+    if isinstance(slide_path, (Mapping, pd.Series)):
+        row = slide_path
+        slide_path, x, y, level, read_size = row["slide_path"], row["x"], row["y"], row["level"], row["read_size"]
+        tile_size = row["tile_size"] if tile_size is None else tile_size
+    if any(value is None for value in (x, y, level, read_size, tile_size)):
+        raise TypeError("read_tile needs slide_path, x, y, level, read_size and tile_size (or one tile-table row)")
     rgb = _slide(slide_path).read_tile(int(x), int(y), int(level), int(read_size), int(tile_size))  # (S, S, 3)
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))  # (S, S, 3) -> (3, S, S)
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (S, S, 3) -> (3, S, S)
 
 
 class TileDataset(Dataset):
@@ -88,7 +102,7 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, level, read_size, tile_size = self._coords[index]
-        image = torch.from_numpy(read_tile(self._paths[index], x, y, level, read_size, self.image_size or tile_size))
+        image = read_tile(self._paths[index], x, y, level, read_size, self.image_size or tile_size)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
