@@ -187,3 +187,22 @@ def test_train_end_to_end_on_an_imagefolder_tree(tmp_path):
     result = train(config, tmp_path / "run", progress_bar=False)
     assert result.best["class_names"] == ["cats", "dogs"]
     assert result.evaluation["class_names"] == ["cats", "dogs"]
+
+
+def test_shipped_cifar_specs_expand_and_magnification_specs_fail_on_folders(tmp_path, cifar_root):
+    from histotoken.cli.grid import resolve_spec_path
+    from histotoken.experiments.grid import prepare_study
+    from histotoken.experiments.spec import expand, load_spec, spec_from_dict
+
+    tl = load_spec(resolve_spec_path("cifar10_tokenlearner.yaml"), str(cifar_root))
+    pruning = load_spec(resolve_spec_path("cifar10_pruning.yaml"), str(cifar_root))
+    assert {m.name for m in tl.models} == {"tokenlearner_vit_mini", "vit_mini_patch4_32"}
+    assert sorted(dict(m.kwargs).get("keep_ratio") for m in pruning.models if m.name.startswith("cnnprune")) == [
+        0.4, 0.6, 0.8,
+    ]
+    assert len(expand(tl)) == 6 and len(expand(pruning)) == 15
+    assert expand(tl)[0].config(tl, tmp_path / "s.csv").data_format == "cifar10"
+    root, _ = write_imagefolder(tmp_path / "folders")
+    raw = {"models": ["resnet18"], "train_domains": ["100"], "tasks": ["classes"]}
+    with pytest.raises(ValueError, match="has no magnifications"):
+        prepare_study(spec_from_dict(raw, "spec.yaml", str(root)), tmp_path / "study")

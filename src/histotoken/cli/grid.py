@@ -46,6 +46,8 @@ def add_parser(subparsers):
     parser.add_argument("spec", metavar="SPEC.yaml", help="study file (see configs/)")
     parser.add_argument("--out", required=True, metavar="STUDY_DIR", help="study folder to write (or resume)")
     parser.add_argument("--data", metavar="DATA_ROOT", help="data root (overrides the file's 'data:')")
+    parser.add_argument("--data-format", choices=("auto", "breakhis", "imagefolder", "cifar10", "tiles"),
+                        help="kind of data folder (overrides the file's 'data_format:'; default auto-detected)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     parser.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
     parser.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
@@ -73,7 +75,7 @@ def run(args) -> int:
     from histotoken.experiments.spec import expand, load_spec
 
     spec_path = resolve_spec_path(args.spec)
-    spec = load_spec(spec_path, args.data)
+    spec = load_spec(spec_path, args.data, args.data_format)
     shard = parse_shard(args.shard) if args.shard else None
     overrides = {
         "partition": args.partition, "gpus_per_task": args.gpus_per_task, "timeout_min": args.timeout_min,

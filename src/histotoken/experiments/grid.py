@@ -126,6 +126,18 @@ def describe_dataset(spec: StudySpec, study_dir: Path, result) -> dict[str, Any]
     return info
 
 
+def check_domains_exist(spec: StudySpec, frame: pd.DataFrame) -> None:
+    """Magnification domains need data with magnifications (BreakHis); elsewhere only 'all' applies."""
+    from histotoken.data.breakhis import MAGNIFICATIONS
+
+    named = sorted({d for d in (*spec.train_domains, *spec.test_domains) if d != "all"})
+    if named and not frame["magnification"].isin(MAGNIFICATIONS).any():
+        raise ValueError(
+            f"study {spec.name} names magnification domains {named}, but {spec.data} has no magnifications "
+            "(only BreakHis does); set train_domains: [all] and test_domains: [all] in the spec"
+        )
+
+
 def prepare_study(spec: StudySpec, study_dir: str | Path) -> dict[str, Path]:
     """spec.yaml, dataset.json and the frozen splits; safe to repeat from several workers at once
     (each file is written atomically, with the same content). Returns split name -> path."""
@@ -135,7 +147,8 @@ def prepare_study(spec: StudySpec, study_dir: str | Path) -> dict[str, Path]:
     atomic_write_text(StudyPaths(study_dir).spec, dump_spec(spec))
     from histotoken.data.index import load_index
 
-    index = load_index(spec.data)  # one scan of the data folder for the whole study
+    index = load_index(spec.data, data_format=spec.data_format, groups=spec.groups)  # one scan for the study
+    check_domains_exist(spec, index.frame)
     describe_dataset(spec, study_dir, index)
     return prepare_splits(spec, study_dir, index.frame)
 

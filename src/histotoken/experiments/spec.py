@@ -43,9 +43,10 @@ SPEC_KEYS = {
     "seeds", "folds", "split", "protocol", "efficiency", "reference_model", "launcher",
     "synthetic",  # used by `histotoken demo` to make its data set; ignored by `grid`
     "factors",  # run settings crossed with the grid, e.g. {stain_norm: [none, macenko]}
+    "data_format", "groups",  # kind of data folder (default auto) and an ImageFolder's image -> group CSV
 }
 # Protocol keys the grid sets itself, per run.
-PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds"}
+PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds", "data_format", "groups"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,8 @@ class StudySpec:
     factors: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # setting -> values
     reference_model: str | None = None
     launcher: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_format: str = "auto"  # auto, breakhis, imagefolder, cifar10, tiles
+    groups: str | None = None  # ImageFolder: CSV image,group
 
     @property
     def reference(self) -> str:
@@ -76,6 +79,8 @@ class StudySpec:
             "name": self.name,
             "description": self.description,
             "data": self.data,
+            "data_format": self.data_format,
+            "groups": self.groups,
             "tasks": list(self.tasks),
             "models": [m.to_dict() for m in self.models],
             "train_domains": list(self.train_domains),
@@ -115,6 +120,8 @@ class PlannedRun:
         return dataclasses.replace(
             base,
             data=spec.data,
+            data_format=spec.data_format,
+            groups=spec.groups,
             model=_model_text(self.model),
             task=self.task,
             train_domain=self.train_domain,
@@ -133,13 +140,15 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
 
 
-def load_spec(path: str | Path, data: str | None = None) -> StudySpec:
-    """Read and check a study file; ``data`` (from --data) overrides the file's data root."""
+def load_spec(path: str | Path, data: str | None = None, data_format: str | None = None) -> StudySpec:
+    """Read and check a study file; ``data`` and ``data_format`` (from --data, --data-format) override the file's."""
     raw = read_yaml(path)
-    return spec_from_dict(raw, str(path), data)
+    return spec_from_dict(raw, str(path), data, data_format)
 
 
-def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) -> StudySpec:
+def spec_from_dict(
+    raw: dict[str, Any], source: str, data: str | None = None, data_format: str | None = None
+) -> StudySpec:
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown}; known: {', '.join(sorted(SPEC_KEYS))}")
@@ -173,7 +182,10 @@ def spec_from_dict(raw: dict[str, Any], source: str, data: str | None = None) ->
         factors=_factors(raw.get("factors"), protocol, source),
         reference_model=_reference_label(raw.get("reference_model"), source),
         launcher=dict(raw.get("launcher") or {}),
+        data_format=str(data_format or raw.get("data_format") or "auto"),
+        groups=str(Path(raw["groups"]).expanduser().resolve()) if raw.get("groups") else None,
     )
+    merge_config(RunConfig, RunConfig(), {"data_format": spec.data_format}, source)  # a known kind
     spec.base_config()  # validates protocol values and task names early, naming the file
     for settings in _factor_levels(spec):
         try:
