@@ -47,25 +47,36 @@ def test_distillation_and_class_tokens_stay_first_and_unmerged():
 
 
 def test_size_weighted_average_on_a_hand_built_example():
-    # prefix at 0; A = positions 1, 3; B = positions 2, 4. Token 1 points the same way as token 2,
-    # token 3 is orthogonal to both B tokens, so r = 1 merges token 1 into token 2.
-    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.1, 0], [0, 0, 1], [0, 1, 0]]])
-    x = torch.tensor([[[9.0], [10.0], [2.0], [7.0], [5.0]]])
-    size = torch.tensor([[[1.0], [3.0], [1.0], [1.0], [2.0]]])
+    # class token at 0; B = positions 1, 3; A = positions 2, 4 (even positions of the whole sequence).
+    # Token 2 points the same way as token 1, token 4 is orthogonal to both B tokens, so r = 1
+    # merges token 2 into token 1.
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0.1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]])
+    x = torch.tensor([[[9.0], [2.0], [10.0], [5.0], [7.0]]])
+    size = torch.tensor([[[1.0], [1.0], [3.0], [2.0], [1.0]]])
     merged, new_size = _merge(x, 1, size=size, metric=metric)
-    # kept tokens stay in input order; the merged token sits where its B token was
-    assert merged.flatten().tolist() == pytest.approx([9.0, (3 * 10.0 + 1 * 2.0) / 4, 7.0, 5.0])
-    assert new_size.flatten().tolist() == [1.0, 4.0, 1.0, 2.0]
+    # order: class token, kept A token (4), then the B tokens (1 merged with 2, and 3)
+    assert merged.flatten().tolist() == pytest.approx([9.0, 7.0, (3 * 10.0 + 1 * 2.0) / 4, 5.0])
+    assert new_size.flatten().tolist() == [1.0, 1.0, 4.0, 2.0]
 
 
 def test_two_tokens_merging_into_the_same_token_average_by_size():
-    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.1, 0], [1, 0.05, 0], [0, 1, 0]]])
-    x = torch.tensor([[[9.0], [10.0], [2.0], [7.0], [5.0]]])
-    size = torch.tensor([[[1.0], [3.0], [1.0], [2.0], [1.0]]])
+    # B = 1, 3, 5; A = 2, 4: both A tokens are closest to token 1
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0.1, 0], [1, 0, 0], [0, 1, 0], [1, 0.05, 0], [0, 0, 1]]])
+    x = torch.tensor([[[9.0], [2.0], [10.0], [5.0], [7.0], [4.0]]])
+    size = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [2.0], [1.0]]])
     merged, new_size = _merge(x, 2, size=size, metric=metric)
     expected = (3 * 10.0 + 1 * 2.0 + 2 * 7.0) / 6
-    assert merged.flatten().tolist() == pytest.approx([9.0, expected, 5.0])
-    assert new_size.flatten().tolist() == [1.0, 6.0, 1.0]
+    assert merged.flatten().tolist() == pytest.approx([9.0, expected, 5.0, 4.0])
+    assert new_size.flatten().tolist() == [1.0, 6.0, 1.0, 1.0]
+
+
+def test_without_prefix_tokens_the_sets_start_at_position_zero():
+    # no prefix: A = 0, 2; B = 1, 3. Token 2 matches token 3 best; token 0 is orthogonal to both B.
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 0.1]]])
+    x = torch.tensor([[[1.0], [2.0], [3.0], [5.0]]])
+    merged, new_size = _merge(x, 1, num_prefix_tokens=0, metric=metric)
+    assert merged.flatten().tolist() == pytest.approx([1.0, 2.0, 4.0])
+    assert new_size.flatten().tolist() == [1.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize(("num_prefix", "num_patches"), [(1, 3), (2, 5), (1, 1), (2, 0)])
@@ -86,13 +97,13 @@ def test_r_zero_returns_the_input_unchanged():
 
 
 def test_gradient_reaches_every_token_with_its_share():
-    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.1, 0], [0, 0, 1], [0, 1, 0]]], dtype=torch.float64)
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0.1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]], dtype=torch.float64)
     x = torch.randn(1, 5, 2, dtype=torch.float64, requires_grad=True)
-    size = torch.tensor([[[1.0], [3.0], [1.0], [1.0], [2.0]]], dtype=torch.float64)
+    size = torch.tensor([[[1.0], [1.0], [3.0], [2.0], [1.0]]], dtype=torch.float64)
     merged, _ = _merge(x, 1, size=size, metric=metric)
     merged.sum().backward()
-    # token 1 (size 3) and token 2 (size 1) become one token: d/dx = 3/4 and 1/4
-    assert x.grad[0, :, 0].tolist() == pytest.approx([1.0, 0.75, 0.25, 1.0, 1.0])
+    # token 2 (size 3) and token 1 (size 1) become one token: d/dx = 3/4 and 1/4
+    assert x.grad[0, :, 0].tolist() == pytest.approx([1.0, 0.25, 0.75, 1.0, 1.0])
 
 
 def test_proportional_attention_equals_attention_over_repeated_tokens():

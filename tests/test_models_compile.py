@@ -30,7 +30,7 @@ def _family(name):
 
 def _merged_deit(mode):
     model = timm.create_model("deit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=3, num_classes=3)
-    return apply_token_merging(model, 8, **({} if mode is None else {"mode": mode}))
+    return apply_token_merging(model, 8, mode=mode)
 
 
 def _loss(model, logits, target):
@@ -64,10 +64,10 @@ def _check_compiled_step(model, backend):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_compiles_for_one_forward_and_backward(name):
     model = _check_compiled_step(_family(name), "eager")
-    assert model.tokens_per_block == list(model.tokens_per_block)  # recorded by the compiled forward
+    assert all(isinstance(count, int) for count in model.tokens_per_block)  # recorded by the compiled forward
 
 
-@pytest.mark.parametrize("mode", [None])
+@pytest.mark.parametrize("mode", ["tome", "pre_attention"])
 def test_token_merged_deit_compiles_and_still_records_its_tokens(mode):
     model = _check_compiled_step(_merged_deit(mode), "eager")
     assert len(model.tokens_per_block) == 3

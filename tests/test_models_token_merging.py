@@ -32,11 +32,15 @@ def images():
     return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
 
 
+MODES = ["tome", "pre_attention"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("build", [_vit, _deit_distilled], ids=["vit", "deit_distilled"])
-def test_r_zero_output_is_bit_identical_to_the_plain_model(build, images):
+def test_r_zero_output_is_bit_identical_to_the_plain_model(build, mode, images):
     model = build().eval()
     expected = model(images)
-    apply_token_merging(model, 0)
+    apply_token_merging(model, 0, mode=mode)
     assert torch.equal(model(images), expected)
     assert model.tokens_per_block == [model.num_prefix_tokens + 64] * 4
 
@@ -44,17 +48,73 @@ def test_r_zero_output_is_bit_identical_to_the_plain_model(build, images):
 @pytest.mark.parametrize(
     ("build", "prefix"), [(_vit, 1), (_deit_distilled, 2)], ids=["vit", "deit_distilled"]
 )
-def test_tokens_per_block_fall_by_r_per_block(build, prefix, images):
+def test_tome_attention_of_block_i_sees_n_minus_i_r_tokens(build, prefix, images):
     model = apply_token_merging(build().eval(), 6)
+    model(images)
+    assert model.tokens_per_block == [prefix + 64 - 6 * i for i in range(4)]
+
+
+def test_tome_merges_between_attention_and_mlp(images):
+    model = apply_token_merging(_vit().eval(), 6)
+    seen = {"attn": [], "mlp": []}
+    for block in model.blocks:
+        for part in seen:
+            getattr(block, part).register_forward_hook(lambda m, args, out, part=part: seen[part].append(args[0].shape[1]))
+    model(images)
+    assert seen["attn"] == [65, 59, 53, 47]
+    assert seen["mlp"] == [59, 53, 47, 41]  # each MLP already works on the block's merged tokens
+
+
+@pytest.mark.parametrize(
+    ("build", "prefix"), [(_vit, 1), (_deit_distilled, 2)], ids=["vit", "deit_distilled"]
+)
+def test_pre_attention_mode_merges_at_the_block_input(build, prefix, images):
+    model = apply_token_merging(build().eval(), 6, mode="pre_attention")
     model(images)
     assert model.tokens_per_block == [prefix + 64 - 6 * (i + 1) for i in range(4)]
 
 
-def test_large_r_is_clipped_per_block_to_half_the_patch_tokens(images):
-    model = apply_token_merging(_vit().eval(), 32)
+@pytest.mark.parametrize(("mode", "expected"), [("tome", [65, 33, 17, 9]), ("pre_attention", [33, 17, 9, 5])])
+def test_large_r_is_clipped_per_block_to_half_the_patch_tokens(mode, expected, images):
+    model = apply_token_merging(_vit().eval(), 32, mode=mode)
     out = model(images)
-    assert model.tokens_per_block == [33, 17, 9, 5]
+    assert model.tokens_per_block == expected
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_token_sizes_conserve_the_patch_count(mode, images):
+    model = apply_token_merging(_vit().eval(), 7, mode=mode)
+    model(images)
+    sizes = model.token_info["token_sizes"]  # (B, N_final, 1)
+    assert sizes.shape == (2, 65 - 4 * 7, 1)
+    assert sizes[:, 0].flatten().tolist() == [1.0, 1.0]  # the class token is never merged
+    assert sizes.sum(dim=1).flatten().tolist() == [65.0, 65.0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merging_identical_tokens_with_proportional_attention_changes_no_logit(mode):
+    # A uniform image and no position embedding make all 64 patch tokens identical in every block.
+    # Merged duplicates with proportional attention weigh exactly like the copies they replace.
+    model = _vit().eval()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    image = torch.full((1, 3, IMG, IMG), 0.3)
+    expected = model(image)
+    apply_token_merging(model, 16, mode=mode)
+    merged = model(image)
+    assert model.tokens_per_block[-1] < 40
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_proportional_attention_is_off_in_training_unless_asked(mode, images):
+    plain = apply_token_merging(_vit(), 8, mode=mode, proportional_attention=False).train()
+    default = apply_token_merging(_vit(), 8, mode=mode).train()
+    in_training = apply_token_merging(_vit(), 8, mode=mode, proportional_attention_in_training=True).train()
+    assert torch.equal(default(images), plain(images))
+    assert not torch.allclose(in_training(images), plain(images))
+    assert not torch.allclose(default.eval()(images), plain.eval()(images))  # on at inference
 
 
 @pytest.mark.parametrize("r", [-1, 33])
@@ -68,15 +128,16 @@ def test_a_cnn_is_rejected_with_a_clear_error():
         apply_token_merging(timm.create_model("resnet18", num_classes=2), 4)
 
 
-def test_merged_model_trains_gradients_reach_every_parameter(images):
-    model = apply_token_merging(_vit(), 8).train()
+@pytest.mark.parametrize("mode", MODES)
+def test_merged_model_trains_gradients_reach_every_parameter(mode, images):
+    model = apply_token_merging(_vit(), 8, mode=mode).train()
     loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 3]))
     loss.backward()
     missing = [
         name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
     ]
     assert not missing
-    assert model.tokens_per_block == [57, 49, 41, 33]
+    assert model.tokens_per_block == ([65, 57, 49, 41] if mode == "tome" else [57, 49, 41, 33])
 
 
 def test_flops_fall_as_r_grows(images):
@@ -101,27 +162,44 @@ def test_proportional_attention_reaches_the_attention(images):
 def test_token_metric_option_merges_the_same_number_of_tokens(images):
     model = apply_token_merging(_vit().eval(), 8, metric="tokens")
     model(images)
-    assert model.tokens_per_block == [57, 49, 41, 33]
+    assert model.tokens_per_block == [65, 57, 49, 41]
     with pytest.raises(ValueError, match="metric"):
         apply_token_merging(_vit(), 8, metric="queries")
 
 
-def test_state_dict_is_unchanged_and_remove_restores_the_plain_model(images):
+def test_applying_a_new_r_keeps_the_placement_unless_told(images):
+    model = apply_token_merging(_vit().eval(), 8, mode="pre_attention")
+    apply_token_merging(model, 4)
+    model(images)
+    assert model.tokens_per_block == [61, 57, 53, 49]
+    apply_token_merging(model, 4, mode="tome")
+    model(images)
+    assert model.tokens_per_block == [65, 61, 57, 53]
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="merge_mode"):
+        apply_token_merging(_vit(), 8, mode="post_mlp")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_is_unchanged_and_remove_restores_the_plain_model(mode, images):
     model = _vit().eval()
     expected = model(images)
     keys = list(model.state_dict())
-    apply_token_merging(model, 8)
+    apply_token_merging(model, 8, mode=mode)
     assert list(model.state_dict()) == keys
     assert not torch.allclose(model(images), expected)
     remove_token_merging(model)
     assert torch.equal(model(images), expected)
+    assert not any("forward" in vars(block) for block in model.blocks)
 
 
 def test_deepcopy_records_tokens_on_the_copy(images):
     model = apply_token_merging(_vit().eval(), 8)
     clone = copy.deepcopy(model)
     clone(images[:1])
-    assert clone.tokens_per_block == [57, 49, 41, 33]
+    assert clone.tokens_per_block == [65, 57, 49, 41]
     assert model.tokens_per_block == []
     torch.testing.assert_close(clone(images), model(images))
 
@@ -133,8 +211,12 @@ def test_bf16_autocast_forward_is_finite(images):
     assert torch.isfinite(out.float()).all()
 
 
-def test_factory_applies_merge_r_from_the_model_spec(images):
+def test_factory_applies_merge_r_and_merge_mode_from_the_model_spec(images):
     model = create_model("vit_tiny_patch16_224:depth=3,merge_r=5,patch_size=8", num_classes=2, img_size=IMG)
+    model.eval()(images)
+    assert model.tokens_per_block == [65, 60, 55]
+    spec = "vit_tiny_patch16_224:depth=3,merge_r=5,merge_mode=pre_attention,patch_size=8"
+    model = create_model(spec, num_classes=2, img_size=IMG)
     model.eval()(images)
     assert model.tokens_per_block == [60, 55, 50]
 

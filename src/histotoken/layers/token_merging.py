@@ -6,7 +6,9 @@ Bolya, Fu, Dai, Zhang, Feichtenhofer, Hoffman, "Token Merging: Your ViT But Fast
 
 The algorithm (paper, Sec. 3):
 
-1. Split the non-prefix tokens alternately into two sets, A (even positions) and B (odd positions).
+1. Split the non-prefix tokens alternately into two sets: A at even and B at odd positions of the
+   whole sequence (positions counted from 0 with the prefix tokens included, as in the authors'
+   code; with one class token, A = 2, 4, 6, ... and B = 1, 3, 5, ...).
 2. Score every A token against every B token with cosine similarity on a *metric* (the paper uses
    the attention keys; any per-token feature works).
 3. Each A token keeps only its most similar B token (the bipartite graph's best edge).
@@ -19,9 +21,10 @@ The algorithm (paper, Sec. 3):
    :func:`proportional_attention_bias` builds that additive bias.
 
 Prefix tokens (class token, distillation token, register tokens) are never in A or B, so they are
-never merged; they stay first, in order. Output order: prefix, kept A tokens, B tokens (merged or
-not). ViTs carry position in the token features (position embeddings were added at the input), so
-the order of tokens does not matter to later blocks.
+never merged; they stay first, in order. Output order: prefix, kept A tokens (in input order), B tokens
+(merged or not, in input order), the order of the authors' code for models with a class token, so
+that the next merge splits the same sets. ViTs carry position in the token features (position
+embeddings were added at the input), so the order of tokens does not change what a block computes.
 
 Nothing here depends on timm or Lightning; ``histotoken.models.token_merging`` applies it to timm
 models.
@@ -63,8 +66,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     Returns:
         ``merge(x, size=None) -> (x_merged, size_merged)``: (B, N, C), (B, N, 1) sizes (``None`` =
         all ones) -> (B, N - r, C) size-weighted averages ``sum(size * x) / sum(size)`` and
-        (B, N - r, 1) summed sizes. Kept tokens stay in their input order (prefix first), a merged
-        token takes the place of its B token. ``merge`` is differentiable in ``x``; the matching
+        (B, N - r, 1) summed sizes. Order: prefix, kept A tokens, then all B tokens (a merged
+        token takes the place of its B token), each group in input order. ``merge`` is differentiable in ``x``; the matching
         itself is a discrete choice without gradient. With ``r == 0`` nothing is merged.
     """
     batch, num_tokens, _ = metric.shape
@@ -73,24 +76,26 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         return _keep_all
 
     p = num_prefix_tokens
+    a_start, b_start = p + p % 2, p + 1 - p % 2  # first even / odd position after the prefix
     with torch.no_grad():  # the matching is a discrete choice: no gradient flows through it
         # cosine similarity = dot product of unit vectors
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, N, C)
-        set_a, set_b = metric[:, p::2], metric[:, p + 1 :: 2]  # (B, Na, C), (B, Nb, C)
-        num_b = set_b.shape[1]
+        set_a, set_b = metric[:, a_start::2], metric[:, b_start::2]  # (B, Na, C), (B, Nb, C)
+        num_a, num_b = set_a.shape[1], set_b.shape[1]
         similarity = set_a @ set_b.transpose(1, 2)  # (B, Na, Nb)
         best_similarity, best_b = similarity.max(dim=-1)  # (B, Na) each: every A token's best B
         order = best_similarity.argsort(dim=-1, descending=True)  # most similar pairs first
-        merged_a, kept_a = order[:, :r], order[:, r:]  # (B, r), (B, Na - r) indices into A
-        # positions in x: A token i is at p + 2i, B token j at p + 1 + 2j
-        moving_pos = p + 2 * merged_a  # (B, r) tokens that disappear into a B token
-        target_pos = p + 1 + 2 * best_b.gather(1, merged_a)  # (B, r) the B token each one joins
+        merged_a = order[:, :r]  # (B, r) indices into A
+        kept_a = order[:, r:].sort(dim=-1).values  # (B, Na - r), back in input order
+        # positions in x: A token i is at a_start + 2i, B token j at b_start + 2j
+        moving_pos = a_start + 2 * merged_a  # (B, r) tokens that disappear into a B token
+        target_b = best_b.gather(1, merged_a)  # (B, r) the B token each one joins
+        target_pos = b_start + 2 * target_b
         device = metric.device
         prefix_pos = torch.arange(p, device=device).expand(batch, p)
-        b_pos = torch.arange(p + 1, num_tokens, 2, device=device).expand(batch, num_b)
-        keep_pos = torch.cat([prefix_pos, p + 2 * kept_a, b_pos], dim=1).sort(dim=1).values  # (B, N - r)
-        # output slot of each target: how many kept tokens come before its position
-        target_slot = torch.searchsorted(keep_pos, target_pos)  # (B, r)
+        b_pos = torch.arange(b_start, num_tokens, 2, device=device).expand(batch, num_b)
+        keep_pos = torch.cat([prefix_pos, a_start + 2 * kept_a, b_pos], dim=1)  # (B, N - r)
+        target_slot = p + (num_a - r) + target_b  # (B, r) output slot of each target: after prefix and kept A
         # flat row numbers into (B * N, C) inputs and (B * (N - r), C) outputs: index_select and
         # index_add on rows are several times faster on CPU than gather/scatter with expanded indices
         in_rows = torch.arange(batch, device=device)[:, None] * num_tokens

@@ -1,34 +1,42 @@
-"""Token merging (ToMe) for any timm ``VisionTransformer``, applied with hooks, not copied code.
+"""Token merging (ToMe) for any timm ``VisionTransformer``, attached to the model, not copied into it.
 
 Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (https://arxiv.org/abs/2210.09461).
 The algorithm lives in :mod:`histotoken.layers.token_merging`; this module attaches it to a model.
 
-How it is attached, and why:
+Two placements (``mode``):
 
-- The reference implementation replaced timm's ``Block`` and ``Attention`` forward methods with
-  copies, which broke with every timm release. Here the blocks run their own, unchanged forward.
-  A forward *pre-hook* on every block merges the residual stream ``x`` at the block's input and
-  passes ``attn_mask = log(size)`` (proportional attention) to the block, which hands it to its
-  attention as an additive bias (``Block.forward(x, attn_mask=None)`` in the timm 1.0.x in use;
-  blocks of older releases take no mask and merge without proportional attention, with a
-  warning). The module
-  tree and the ``state_dict`` keys stay exactly those of the plain model, so checkpoints load
-  either way.
-- Placement: the paper merges inside each block, between attention and MLP. Merging at the
-  block's *input* instead lets the whole block (attention and MLP) work on the reduced set, so the
-  saving is a little larger for the same ``r``; block ``i`` processes ``N - (i + 1) * r`` tokens.
-- Similarity metric (``metric="keys"``, default): the paper's best choice, the attention keys
-  (averaged over heads). A forward hook on ``block.attn.qkv`` keeps the keys of each block; the next
-  block's input holds exactly those tokens, so the next merge uses them. The first block has no
-  keys yet and uses its input tokens, as does any block whose attention has no fused ``qkv``
-  layer. ``metric="tokens"`` uses the block's input tokens everywhere (no qkv hook).
-- Kept tokens stay in their input order; a merged token takes its B token's place.
+- ``"tome"`` (default), the paper's: every block runs attention on its tokens, then merges ``r``
+  tokens of the residual stream *between attention and MLP*, matching them on that block's own
+  attention keys (averaged over heads), and its MLP runs on the merged set. Block ``i``'s attention
+  sees ``N - i * r`` tokens. A residual stream cannot be shortened inside timm's ``Block.forward``
+  by hooks, so each block gets a per-instance ``forward`` composed from its own submodules
+  (``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``: the pre-norm block
+  ``x + drop_path(ls(attn(norm(x))))``, then the same for the MLP) with the merge in between. The
+  attention is the block's own module, called with ``attn_mask = log(size)`` (proportional
+  attention); a forward hook on its fused ``qkv`` layer keeps the keys for the merge.
+- ``"pre_attention"``: merging at each block's *input*, matched on the previous block's keys (the
+  first block matches its input tokens). The whole block then runs on the reduced set, so it saves
+  a little more for the same ``r``: block ``i`` sees ``N - (i + 1) * r`` tokens. It is attached with
+  forward pre-hooks only; the blocks run their unchanged forward.
+
+Both keep the module tree and the ``state_dict`` keys of the plain model (checkpoints load either
+way) and are undone by :func:`remove_token_merging`.
+
+Common rules:
+
+- Proportional attention (``softmax(q k^T / sqrt(d) + log size)``) is used at inference, and in
+  training only with ``proportional_attention_in_training=True``: the authors advise training without
+  it (their ``apply_patch`` docstring: it is needed only to evaluate models off the shelf).
+- Similarity metric: ``metric="keys"`` (default; the paper's best choice) or ``"tokens"`` (the
+  tokens being merged). A block whose attention has no fused ``qkv`` layer falls back to tokens.
 - ``r`` is clipped per block to half the mergeable tokens (rounded down), so at least the prefix
   tokens plus one token always remain (:func:`histotoken.layers.token_merging.max_merge_per_step`).
   An ``r`` the first block cannot apply (more than half the patches) is an error.
-- ``r = 0`` registers no merging and no mask: the output is bit-identical to the plain model's.
-- After every forward, ``model.tokens_per_block`` lists the tokens each block processed (prefix
-  tokens included).
+- ``r = 0`` gives the plain model's output exactly (``"pre_attention"`` registers no merging;
+  ``"tome"``'s composed forward performs the plain block's operations in the plain block's order).
+- After every forward, ``model.tokens_per_block`` lists the tokens each block's attention
+  processed (prefix tokens included); ``model.token_info["token_sizes"]`` holds the final (B, N, 1)
+  sizes (patches per token) when tokens were merged.
 
 Limits: gradient checkpointing (``set_grad_checkpointing``) re-runs blocks out of order and is not
 supported with ``r > 0`` (a clear error); average-pooling heads (``global_pool="avg"``) average the merged tokens
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import torch
 from torch import nn
@@ -53,24 +62,69 @@ from histotoken.layers.token_merging import (
 logger = logging.getLogger(__name__)
 
 METRICS = ("keys", "tokens")
+MODES = ("tome", "pre_attention")
+# the submodules a pre-norm timm block consists of; "tome" composes its forward from them
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
 
 class _MergeState:
     """What one forward pass carries from block to block (reset by the first block)."""
 
-    def __init__(self, model: nn.Module, r: int, metric: str, proportional_attention: bool) -> None:
+    def __init__(
+        self, model: nn.Module, r: int, metric: str, proportional_attention: bool, in_training: bool
+    ) -> None:
         self.model = model
         self.r = r
         self.metric = metric
         self.proportional_attention = proportional_attention
+        self.proportional_attention_in_training = in_training
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.size: torch.Tensor | None = None  # (B, N, 1) patches per token; None = all ones
-        self.keys: torch.Tensor | None = None  # (B, N, head_dim) keys of the previous block
+        self.keys: torch.Tensor | None = None  # (B, N, head_dim) keys of the last attention that ran
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.blocks: list[nn.Module] = []  # blocks given a composed forward ("tome")
+
+    def start(self) -> None:
+        """First block of a forward pass: forget the previous pass."""
+        self.size, self.keys = None, None
+        self.model.tokens_per_block = []
+        self.model.token_info = {}
+        if self.r > 0 and getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            raise ValueError(
+                "token merging does not work with gradient checkpointing (blocks are re-run out of "
+                "order); call model.set_grad_checkpointing(False) or train with merge_r=0"
+            )
+
+    def check_block_arguments(self, has_extra: bool) -> None:
+        if self.r > 0 and has_extra:
+            raise ValueError(
+                "token merging cannot combine with a caller-supplied attn_mask or is_causal; "
+                "call the model without them or remove_token_merging(model) first"
+            )
+
+    def attention_bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``log(size)`` for the next attention, or None (no merge yet, or not in this mode)."""
+        if self.size is None or not self.proportional_attention:
+            return None
+        if self.model.training and not self.proportional_attention_in_training:
+            return None
+        return proportional_attention_bias(self.size, _logits_dtype(x))
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """Merge ``r`` tokens of ``x`` (clipped), on the kept keys when they fit, else on ``x``."""
+        r = min(self.r, max_merge_per_step(x.shape[1], self.num_prefix_tokens))
+        if r <= 0:
+            return x
+        keys = self.keys
+        metric = keys if keys is not None and keys.shape[:2] == x.shape[:2] else x
+        merge = bipartite_soft_matching(metric, r, self.num_prefix_tokens)
+        x, self.size = merge(x, self.size)  # (B, N, C) -> (B, N - r, C), sizes (B, N - r, 1)
+        self.model.token_info = {"token_sizes": self.size.detach()}
+        return x
 
 
 class _BeforeBlock:
-    """Forward pre-hook of block ``index``: merge the block's input, pass ``log(size)`` as a mask."""
+    """``"pre_attention"``: forward pre-hook of block ``index``: merge its input, pass ``log(size)``."""
 
     def __init__(self, state: _MergeState, index: int) -> None:
         self.state = state
@@ -80,35 +134,41 @@ class _BeforeBlock:
         state = self.state
         x = args[0]  # (B, N, C) residual stream
         if self.index == 0:
-            state.size, state.keys = None, None
-            state.model.tokens_per_block = []
-            if state.r > 0 and getattr(state.model, "grad_checkpointing", False) and torch.is_grad_enabled():
-                raise ValueError(
-                    "token merging does not work with gradient checkpointing (blocks are re-run out of "
-                    "order); call model.set_grad_checkpointing(False) or train with merge_r=0"
-                )
-        if state.r > 0 and (len(args) > 1 or kwargs.get("attn_mask") is not None or kwargs.get("is_causal")):
-            raise ValueError(
-                "token merging cannot combine with a caller-supplied attn_mask or is_causal; "
-                "call the model without them or remove_token_merging(model) first"
-            )
-        r = min(state.r, max_merge_per_step(x.shape[1], state.num_prefix_tokens))
-        if r > 0:
-            keys = state.keys
-            metric = keys if keys is not None and keys.shape[:2] == x.shape[:2] else x
-            merge = bipartite_soft_matching(metric, r, state.num_prefix_tokens)
-            x, state.size = merge(x, state.size)  # (B, N, C) -> (B, N - r, C), sizes (B, N - r, 1)
+            state.start()
+        state.check_block_arguments(len(args) > 1 or kwargs.get("attn_mask") is not None or bool(kwargs.get("is_causal")))
+        merged = state.merge(x)
         state.keys = None
-        state.model.tokens_per_block.append(int(x.shape[1]))
-        if r == 0 and state.size is None:
+        state.model.tokens_per_block.append(int(merged.shape[1]))
+        if merged is x and state.size is None:
             return None  # nothing merged yet: run the block exactly as without merging
-        if state.proportional_attention and state.size is not None:
-            kwargs = dict(kwargs, attn_mask=proportional_attention_bias(state.size, _logits_dtype(x)))
-        return (x, *args[1:]), kwargs
+        bias = state.attention_bias(merged)
+        if bias is not None:
+            kwargs = dict(kwargs, attn_mask=bias)
+        return (merged, *args[1:]), kwargs
+
+
+def _tome_block_forward(
+    block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """``"tome"``: the forward of a pre-norm block with ``r`` tokens merged between attention and MLP.
+
+    Bound to one block instance (``block.forward``); ``block._token_merging`` holds the state and
+    ``block._token_merging_index`` the block's place.
+    """
+    state: _MergeState = block._token_merging
+    if block._token_merging_index == 0:
+        state.start()
+    state.check_block_arguments(attn_mask is not None or is_causal)
+    state.model.tokens_per_block.append(int(x.shape[1]))  # what this attention sees: N - i * r
+    state.keys = None
+    attended = block.attn(block.norm1(x), attn_mask=state.attention_bias(x))  # (B, N, C); keeps keys
+    x = x + block.drop_path1(block.ls1(attended))
+    x = state.merge(x)  # (B, N, C) -> (B, N - r, C), on this block's keys
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))  # (B, N - r, C)
 
 
 class _KeepKeys:
-    """Forward hook on ``attn.qkv``: keep this block's keys, averaged over heads, as the next metric."""
+    """Forward hook on ``attn.qkv``: keep the keys of the attention that just ran, averaged over heads."""
 
     def __init__(self, state: _MergeState, num_heads: int, head_dim: int) -> None:
         self.state = state
@@ -155,25 +215,38 @@ def _accepts_attn_mask(block: nn.Module) -> bool:
 
 
 def apply_token_merging(
-    model: nn.Module, r: int, metric: str = "keys", proportional_attention: bool = True
+    model: nn.Module,
+    r: int,
+    metric: str = "keys",
+    proportional_attention: bool = True,
+    mode: str | None = None,
+    proportional_attention_in_training: bool = False,
 ) -> nn.Module:
-    """Make ``model`` (a timm ``VisionTransformer``) merge ``r`` tokens before each block.
+    """Make ``model`` (a timm ``VisionTransformer``) merge ``r`` tokens in every block.
 
     Args:
         model: a timm ``VisionTransformer`` (any ``vit_*``/``deit_*``, with any number of prefix
             tokens); modified in place and returned. Applying again replaces the earlier setting.
-        r: tokens merged away before every block (clipped per block, see module docstring).
-        metric: ``"keys"`` (attention keys of the previous block) or ``"tokens"`` (block inputs).
+        r: tokens merged away in every block (clipped per block, see module docstring).
+        metric: ``"keys"`` (attention keys) or ``"tokens"`` (the tokens being merged).
         proportional_attention: add ``log(size)`` to the attention logits (paper, Sec. 3).
+        mode: ``"tome"`` (the paper: between attention and MLP, on the block's own keys) or
+            ``"pre_attention"`` (at the block input, on the previous block's keys). ``None``: the
+            mode ``model`` was merged with before (so a new ``r`` keeps the placement), else ``"tome"``.
+        proportional_attention_in_training: also use proportional attention while ``model.training``.
 
     Raises:
-        ValueError: ``model`` is not a timm VisionTransformer, ``r`` is negative or larger than
-            half the patch tokens, or ``metric`` is unknown.
+        ValueError: ``model`` is not a timm VisionTransformer, its blocks are not pre-norm timm
+            blocks (``"tome"``), ``r`` is negative or larger than half the patch tokens, or
+            ``metric`` or ``mode`` is unknown.
     """
     _check_vision_transformer(model)
     r = int(r)
+    mode = mode or getattr(model, "merge_mode", None) or "tome"
     if metric not in METRICS:
         raise ValueError(f"unknown token-merging metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown token-merging mode {mode!r} (merge_mode); choose one of {', '.join(MODES)}")
     num_patches = int(model.patch_embed.num_patches)
     limit = num_patches // 2
     if r < 0 or r > limit:
@@ -183,33 +256,58 @@ def apply_token_merging(
         )
     remove_token_merging(model)
     blocks = list(model.blocks)
-    if proportional_attention and r > 0 and not all(_accepts_attn_mask(block) for block in blocks):
+    if mode == "tome":
+        _check_pre_norm_blocks(blocks)
+    elif proportional_attention and r > 0 and not all(_accepts_attn_mask(block) for block in blocks):
         logger.warning(
             "the blocks of this %s take no attn_mask (timm < 1.0.16?): merging without proportional attention",
             type(model).__name__,
         )
         proportional_attention = False
 
-    state = _MergeState(model, r, metric, proportional_attention)
+    state = _MergeState(model, r, metric, proportional_attention, proportional_attention_in_training)
     for index, block in enumerate(blocks):
-        state.handles.append(block.register_forward_pre_hook(_BeforeBlock(state, index), with_kwargs=True))
-        is_last = index == len(blocks) - 1
-        if r > 0 and metric == "keys" and not is_last:
+        if mode == "tome":
+            block._token_merging = state
+            block._token_merging_index = index
+            block.forward = types.MethodType(_tome_block_forward, block)
+            state.blocks.append(block)
+            wants_keys = r > 0 and metric == "keys"
+        else:
+            state.handles.append(block.register_forward_pre_hook(_BeforeBlock(state, index), with_kwargs=True))
+            wants_keys = r > 0 and metric == "keys" and index < len(blocks) - 1
+        if wants_keys:
             keep_keys = _keys_hook(state, getattr(block, "attn", None))
             if keep_keys is not None:
                 state.handles.append(block.attn.qkv.register_forward_hook(keep_keys))
     model._token_merging = state
     model.merge_r = r
+    model.merge_mode = mode
     model.tokens_per_block = []
+    model.token_info = {}
     return model
 
 
+def _check_pre_norm_blocks(blocks: list[nn.Module]) -> None:
+    from timm.models.vision_transformer import Block
+
+    for index, block in enumerate(blocks):
+        missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
+        if not isinstance(block, Block) or missing:
+            raise ValueError(
+                f"merge_mode='tome' needs timm's pre-norm Block ({', '.join(BLOCK_PARTS)}); block {index} is "
+                f"a {type(block).__name__}. Use merge_mode=pre_attention for this model."
+            )
+
+
 def remove_token_merging(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_token_merging`: remove its hooks; the model is the plain model again."""
+    """Undo :func:`apply_token_merging`: remove its hooks and block forwards; the plain model again."""
     state = getattr(model, "_token_merging", None)
     if state is not None:
         for handle in state.handles:
             handle.remove()
+        for block in state.blocks:
+            del block.forward, block._token_merging, block._token_merging_index
         del model._token_merging
         model.merge_r = 0
     return model
