@@ -67,13 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     configure_logging(args.verbose, args.command in TRAINING_COMMANDS)
+    from histotoken.engine.interrupt import RunInterrupted, interruptible
+
     try:
-        return int(args._run(args) or 0)
+        with interruptible():
+            return int(args._run(args) or 0)
+    except RunInterrupted as interruption:
+        print(
+            f"histotoken {args.command}: interrupted ({interruption}); finished epochs are saved. "
+            "Re-run the same command to resume.",
+            file=sys.stderr,
+        )
+        return interruption.exit_code
     except (FileNotFoundError, ValueError) as error:
         # Library code raises ValueError/FileNotFoundError with messages written for users.
         print(f"histotoken {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the handler was installed
         print(f"histotoken {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
 

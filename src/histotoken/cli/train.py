@@ -64,8 +64,18 @@ def add_parser(subparsers):
     parser.add_argument(
         "--stain-augment", choices=["none", "hed"], help="hed: HED stain jitter in training (Tellez et al. 2018)"
     )
-    parser.add_argument("--devices", help="Lightning devices, e.g. 1, 4 or auto (default auto)")
+    parser.add_argument("--devices", help="devices per node, e.g. 1, 4 or auto (default auto)")
     parser.add_argument("--accelerator", help="cpu, gpu or auto (default auto)")
+    parser.add_argument(
+        "--strategy", help="Lightning strategy, e.g. ddp for several devices (torchrun and SLURM are detected)"
+    )
+    parser.add_argument("--num-nodes", type=int, help="machines in a multi-node run (default 1)")
+    parser.add_argument("--layer-decay", type=float, help="layer-wise lr decay for fine-tuning ViTs, e.g. 0.65")
+    parser.add_argument(
+        "--logger", choices=["none", "csv", "tensorboard", "mlflow", "wandb"],
+        help="also log to this experiment tracker (metrics.csv is always written)",
+    )
+    parser.add_argument("--logger-uri", metavar="URI", help="MLflow tracking URI (default: RUN_DIR/mlruns)")
     parser.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed", "16-mixed"], help="numeric precision (default auto)")
     return parser
 
@@ -77,17 +87,22 @@ FLAG_FIELDS = {
     "img_size": "img_size", "epochs": "epochs", "stages": "stage_epochs", "batch_size": "batch_size",
     "lr": "lr", "seed": "seed", "balancing": "balancing", "pretrained": "pretrained", "weights": "weights",
     "merge_r": "merge_r", "devices": "devices", "accelerator": "accelerator", "precision": "precision",
+    "strategy": "strategy", "num_nodes": "num_nodes", "layer_decay": "layer_decay", "logger": "logger",
+    "logger_uri": "logger_uri",
 }
 
 
 def run(args) -> int:
     from histotoken.config import load_run_config, parse_overrides
     from histotoken.engine.fit import train
+    from histotoken.engine.ranks import is_global_zero
 
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     overrides.update(parse_overrides(args.overrides))
     config = load_run_config(args.config, overrides)
     result = train(config, args.out)
+    if not is_global_zero():  # other processes of a multi-device run stay quiet
+        return 0
     if result.already_finished:
         print(f"{result.run_dir} is already finished; nothing to do (delete it to train again).")
     else:

@@ -43,7 +43,7 @@ class EpochMetricsWriter(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after a checkpoint was restored: a resumed stage drops rows of epochs it runs again.
-        if self.path.is_file():
+        if trainer.is_global_zero and self.path.is_file():
             frame = pd.read_csv(self.path)
             keep = (frame["stage"] < self.stage) | (
                 (frame["stage"] == self.stage) & (frame["epoch"] < trainer.current_epoch)
@@ -54,7 +54,7 @@ class EpochMetricsWriter(Checkpoint):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = {name: _scalar(value) for name, value in trainer.callback_metrics.items()}
         first = [f"{side}/{name}" for side in ("train", "val") for name in ("loss", "acc", "macro_f1")]
@@ -101,6 +101,8 @@ class BestWeightsSaver(L.Callback):
         score = (_scalar(metrics["val/macro_f1"]), _scalar(metrics["val/acc"]))
         if score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch
+            if not trainer.is_global_zero:  # every process tracks the score; only the first writes
+                return
             save_weights(pl_module.model, self.directory / "best.safetensors")
             atomic_write_json(
                 self.directory / "best.json",

@@ -216,12 +216,13 @@ def evaluate_run(
     config = run_settings(paths.root)
     model, meta = load_best_model(paths.root, merge_r)
     split = read_split(paths.splits)
-    test = select_domain(split[split["split"] == "test"], domain, f"the test split of {paths.splits}")
     if data_root is not None:
-        test = _rebase_paths(test, data_root)
-    store = ImageStore.build(test, meta["img_size"])
+        split = _rebase_paths(split, data_root)
+    test = select_domain(split[split["split"] == "test"], domain, f"the test split of {paths.splits}")
+    # The split as a whole is the store's universe: every run and domain of a study shares one decoded store.
+    store = ImageStore.build(test, meta["img_size"], universe=split)
     names = meta["class_names"]
-    column = class_column(meta["task"])
+    column = meta.get("class_column") or class_column(meta["task"])
     dataset = ImageDataset(store, names, column, transform=lambda image: image)  # normalised on the device
     mean, std = model_normalisation(model)
     accelerator = accelerator or config.get("accelerator", "auto")

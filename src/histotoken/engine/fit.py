@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,59 +21,23 @@ import yaml
 from histotoken.config import RunConfig, write_run_config
 from histotoken.data.domains import domain_name, select_domain
 from histotoken.data.splits import make_split, read_split, write_split
+from histotoken.engine.interrupt import RunInterrupted
+from histotoken.engine.ranks import is_global_zero
+from histotoken.formats import (
+    STATE_FAILED,
+    STATE_FINISHED,
+    STATE_INTERRUPTED,
+    STATE_NEW,
+    STATE_RUNNING,
+    VAL_MACRO_F1,
+    RunPaths,
+)
 from histotoken.io import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change its results).
-RESUMABLE_DIFFERENCES = {"devices", "accelerator", "num_workers"}
-
-
-@dataclasses.dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def environment(self) -> Path:
-        return self.root / "environment.json"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.csv"
-
-    @property
-    def status(self) -> Path:
-        return self.root / "status.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.csv"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last_ckpt(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-    @property
-    def best_weights(self) -> Path:
-        return self.checkpoints / "best.safetensors"
-
-    @property
-    def best_meta(self) -> Path:
-        return self.checkpoints / "best.json"
-
-    def eval_file(self, domain: str) -> Path:
-        return self.root / "eval" / f"{domain_name(domain)}.json"
-
-    def stage_weights(self, stage: int) -> Path:
-        return self.checkpoints / f"stage{stage}_final.safetensors"
+RESUMABLE_DIFFERENCES = {"devices", "accelerator", "strategy", "num_nodes", "num_workers", "logger", "logger_uri"}
 
 
 @dataclasses.dataclass
@@ -86,12 +51,14 @@ class TrainResult:
 def read_status(paths: RunPaths) -> dict[str, Any]:
     if paths.status.is_file():
         return read_json(paths.status)
-    return {"state": "new", "error": None, "stages_done": []}
+    return {"state": STATE_NEW, "error": None, "stages_done": []}
 
 
 def write_status(paths: RunPaths, **changes: Any) -> dict[str, Any]:
+    """Update status.json (only the first process of a multi-process run writes)."""
     status = {**read_status(paths), **changes}
-    atomic_write_json(paths.status, status)
+    if is_global_zero():
+        atomic_write_json(paths.status, status)
     return status
 
 
@@ -101,7 +68,8 @@ def check_same_config(paths: RunPaths, config: RunConfig) -> None:
         return
     old = yaml.safe_load(paths.config.read_text()) or {}
     new = config.to_dict()
-    changed = [k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k) != new[k]]
+    defaults = RunConfig().to_dict()  # settings added after the run was written compare as their default
+    changed = [k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k, defaults[k]) != new[k]]
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed[:4])
         raise ValueError(
@@ -124,7 +92,8 @@ def prepare_split(config: RunConfig, paths: RunPaths) -> pd.DataFrame:
             index, config.split_scheme, config.val_fraction, config.test_fraction,
             config.folds, config.fold, config.seed,
         )
-    write_split(split, paths.splits)
+    if is_global_zero():
+        write_split(split, paths.splits)
     return split
 
 
@@ -163,26 +132,35 @@ def train(
         config = dataclasses.replace(config, data=str(Path(config.data).expanduser().resolve()))
     if config.splits:
         config = dataclasses.replace(config, splits=str(Path(config.splits).expanduser().resolve()))
+    if config.stain_target:
+        config = dataclasses.replace(config, stain_target=str(Path(config.stain_target).expanduser().resolve()))
     check_same_config(paths, config)
     status = read_status(paths)
-    if status["state"] == "finished":
+    if status["state"] == STATE_FINISHED:
         logger.info("%s is a finished run; nothing to do (delete it to train again)", paths.root)
         best = read_json(paths.best_meta) if paths.best_meta.is_file() else {}
         return TrainResult(paths.root, True, best, None)
     if not config.data and not config.splits:
         raise ValueError("no data: give --data DATA_ROOT (the folder that holds BreaKHis_v1) or --splits FILE")
 
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_run_config(config, paths.config)
-    atomic_write_json(paths.environment, describe_environment(config.seed))
-    write_status(paths, state="running", error=None)
+    if is_global_zero():
+        paths.root.mkdir(parents=True, exist_ok=True)
+        write_run_config(config, paths.config)
+        atomic_write_json(paths.environment, describe_environment(config.seed))
+    write_status(paths, state=STATE_RUNNING, error=None)
     try:
         result = _train(config, paths, L, progress_bar, extra_callbacks or [])
+    except (RunInterrupted, KeyboardInterrupt, SystemExit) as error:
+        # SIGTERM/SIGINT (RunInterrupted under the CLI), Ctrl-C in library use, or Lightning's own
+        # SIGTERM exception: the run stays resumable from last.ckpt.
+        write_status(paths, state=STATE_INTERRUPTED, error=f"{type(error).__name__}: {error}")
+        if isinstance(error, RunInterrupted):
+            raise
+        raise RunInterrupted(signal.SIGTERM if type(error).__name__ == "SIGTERMException" else signal.SIGINT) from error
     except BaseException as error:
-        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        write_status(paths, state=state, error=f"{type(error).__name__}: {error}")
+        write_status(paths, state=STATE_FAILED, error=f"{type(error).__name__}: {error}")
         raise
-    write_status(paths, state="finished", error=None, best_epoch=result.best.get("epoch"))
+    write_status(paths, state=STATE_FINISHED, error=None, best_epoch=result.best.get("epoch"))
     return result
 
 
@@ -190,6 +168,7 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
     from histotoken.data.dataset import ImageStore
     from histotoken.data.sources import task_classes
     from histotoken.data.transforms import model_normalisation
+    from histotoken.engine.inference import resolve_accelerator
     from histotoken.engine.precision import resolve_precision
     from histotoken.models.factory import create_model, parse_model_spec
 
@@ -206,16 +185,22 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
         side: select_domain(split[split["split"] == side], domain, f"the {side} split of {paths.splits}")
         for side in ("train", "val")
     }
-    stores = {side: ImageStore.build(frame, config.img_size, universe=split) for side, frame in frames.items()}
+    from histotoken.data.stain import run_stain_normaliser
+
+    # Stain normalisation runs once per image, when the store is built; the target is kept in the run folder.
+    preprocess, preprocess_key = run_stain_normaliser(config.stain_norm, config.stain_target, paths.root)
+    stores = {
+        side: ImageStore.build(frame, config.img_size, universe=split, preprocess=preprocess, preprocess_key=preprocess_key)
+        for side, frame in frames.items()
+    }
     skipped = [s for store in stores.values() for s in store.skipped]
-    if skipped:
-        atomic_write_text(paths.root / "skipped_images.csv", pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(index=False))
-        logger.warning("%d images could not be read and were left out; see %s", len(skipped), paths.root / "skipped_images.csv")
+    if skipped and is_global_zero():
+        atomic_write_text(paths.skipped, pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(index=False))
+        logger.warning("%d images could not be read and were left out; see %s", len(skipped), paths.skipped)
 
     loaders = _make_loaders(config, stores, names, column, mean, std)
     class_weights = _class_weights(stores["train"], names, column) if config.balancing == "class_weights" else None
-    accelerator = "gpu" if config.accelerator == "auto" and torch.cuda.is_available() else config.accelerator
-    accelerator = "cpu" if accelerator == "auto" else accelerator
+    accelerator = resolve_accelerator(config.accelerator)
     precision = resolve_precision(config.precision, accelerator, config.img_size)
     metadata = {
         "model_name": spec.name, "model_kwargs": spec.kwargs_dict, "num_classes": len(names),
@@ -242,9 +227,9 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
 
         module = ClassifierModule(
             model, names, config.lr, config.weight_decay, config.warmup_epochs, epochs,
-            class_weights, config.label_smoothing, stage,
+            class_weights, config.label_smoothing, stage, config.layer_decay,
         )
-        ckpt_path = str(paths.last_ckpt) if paths.last_ckpt.is_file() else None
+        ckpt_path = str(paths.last_ckpt) if usable_checkpoint(paths.last_ckpt, stage) else None
         if ckpt_path:
             logger.info("resuming stage %d from %s", stage, ckpt_path)
         logger.info(
@@ -252,13 +237,12 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
             spec.label, config.task, domain, stage, num_stages, epochs, len(stores["train"].frame), precision,
         )
         trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=ckpt_path)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        if not final_stage:
+        if not final_stage and trainer.is_global_zero:
             from histotoken.engine.callbacks import save_weights
 
             save_weights(model, paths.stage_weights(stage))
             paths.last_ckpt.unlink(missing_ok=True)  # last.ckpt always belongs to the unfinished stage
+        trainer.strategy.barrier("stage-end")  # every process sees the best/stage weights before going on
         status = write_status(paths, stages_done=sorted({*status.get("stages_done", []), stage}))
 
     best = read_json(paths.best_meta)
@@ -268,13 +252,39 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
     return TrainResult(paths.root, False, best, evaluation)
 
 
+def usable_checkpoint(path: Path, stage: int) -> bool:
+    """True when ``path`` is a complete checkpoint to resume from; a torn one is set aside and reported.
+
+    A kill during the write of last.ckpt can leave a truncated file. torch.save writes a zip archive
+    whose central directory comes last, so a truncated file fails to open as a zip. The stage then
+    restarts from its beginning (its metrics.csv rows are rewritten as the epochs run again).
+    """
+    import zipfile
+
+    if not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+        return True
+    except (zipfile.BadZipFile, OSError) as error:
+        torn = path.with_name(path.name + ".torn")
+        if is_global_zero():
+            path.replace(torn)
+        logger.warning(
+            "%s is incomplete (%s), probably cut off by a kill while it was written; moved it to %s and "
+            "restarting stage %d from its first epoch", path, error, torn.name, stage,
+        )
+        return False
+
+
 def _make_loaders(config, stores, names, column, mean, std):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from histotoken.data.dataset import ImageDataset
     from histotoken.data.transforms import eval_transform, train_transform
 
-    train_set = ImageDataset(stores["train"], names, column, train_transform(config.img_size, mean, std))
+    train_set = ImageDataset(stores["train"], names, column, train_transform(config.img_size, mean, std, config.stain_augment))
     val_set = ImageDataset(stores["val"], names, column, eval_transform(mean, std))
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
@@ -304,27 +314,66 @@ def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accele
     from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter
 
     callbacks = [
-        ModelCheckpoint(dirpath=paths.checkpoints, filename="last", save_top_k=1, monitor=None, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=paths.checkpoints, filename=paths.last_ckpt.stem, save_top_k=1, monitor=None,
+            enable_version_counter=False,
+        ),
         EpochMetricsWriter(paths.metrics, stage),
         *extra_callbacks,
     ]
     if final_stage:
         callbacks.append(BestWeightsSaver(paths.checkpoints, metadata, stage))
-        callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=config.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor=VAL_MACRO_F1, mode="max", patience=config.early_stopping_patience))
     return L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,
         devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
         precision=precision,
         gradient_clip_val=config.grad_clip or None,
         callbacks=callbacks,
-        logger=False,
+        logger=make_logger(config, paths, stage),
         default_root_dir=paths.root,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic="warn",
     )
+
+
+def make_logger(config: RunConfig, paths: RunPaths, stage: int):
+    """The experiment logger the user asked for (Lightning's), or False; metrics.csv is written either way.
+
+    csv and tensorboard write under RUN_DIR/logs/, one version per training stage; mlflow logs to a
+    local file store in RUN_DIR/mlruns unless ``logger_uri`` names a tracking server; wandb uses the
+    user's wandb settings. tensorboard, mlflow and wandb are optional extras.
+    """
+    if config.logger == "none":
+        return False
+    name, version = config.logger, f"stage{stage}"
+    try:
+        if name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            return CSVLogger(save_dir=paths.root, name="logs", version=f"csv_{version}")
+        if name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(save_dir=paths.root, name="logs", version=f"tensorboard_{version}")
+        if name == "mlflow":
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            uri = config.logger_uri or (paths.root / "mlruns").resolve().as_uri()
+            return MLFlowLogger(experiment_name="histotoken", run_name=f"{paths.root.name}-{version}", tracking_uri=uri)
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project="histotoken", name=f"{paths.root.name}-{version}", save_dir=str(paths.root))
+    except (ImportError, ModuleNotFoundError) as error:
+        raise ValueError(
+            f"--logger {name} needs an optional package ({error}); install it with "
+            f"`pip install 'histotoken[loggers]'` or choose --logger csv"
+        ) from error
 
 
 def _load_safetensors(model: torch.nn.Module, path: Path) -> None:

@@ -15,6 +15,27 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """AdamW as DeiT and timm train ViTs, built by timm's optimiser factory.
+
+    No weight decay on 1-D parameters (norms, biases), nor on what the model lists in
+    ``no_weight_decay()`` (position embeddings, class/distillation tokens); frozen parameters
+    (e.g. a stage that trains only the token scorer) are left out. ``layer_decay`` scales each
+    block's learning rate by ``layer_decay ** (depth - layer)`` (BEiT/DeiT fine-tuning); it needs
+    the model's ``group_matcher``, which timm's ViTs, ResNets, Swin and Mixers have.
+    """
+    from timm.optim import create_optimizer_v2
+
+    if layer_decay is not None and not hasattr(model, "group_matcher"):
+        raise ValueError(
+            f"layer_decay needs a model that groups its parameters into layers (group_matcher); "
+            f"{type(model).__name__} has none. Leave layer_decay unset for this model."
+        )
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+
+
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training with AdamW, cosine schedule with warm-up and per-stage metrics."""
 
@@ -29,6 +50,7 @@ class ClassifierModule(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         stage: int = 1,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -36,6 +58,7 @@ class ClassifierModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_epochs, self.max_epochs = warmup_epochs, max_epochs
         self.stage = stage
+        self.layer_decay = layer_decay
         self.criterion = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         num_classes = len(self.class_names)
         self.train_metrics = self._metrics(num_classes, "train/")
@@ -66,9 +89,9 @@ class ClassifierModule(L.LightningModule):
         logits = self(images)
         loss, parts = self._loss(logits, targets)
         self.train_metrics.update(logits.detach().float(), targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
         for name, value in parts.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(targets))
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -81,7 +104,7 @@ class ClassifierModule(L.LightningModule):
         loss, _ = self._loss(logits, targets)
         self.val_metrics.update(logits, targets)
         self.val_per_class_f1.update(logits, targets)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute())
@@ -91,8 +114,7 @@ class ClassifierModule(L.LightningModule):
         self.val_per_class_f1.reset()
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = make_optimizer(self.model, self.lr, self.weight_decay, self.layer_decay)
         scheduler = CosineLRScheduler(
             optimizer,
             t_initial=max(self.max_epochs, 1),

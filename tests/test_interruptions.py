@@ -1,0 +1,120 @@
+"""Interruptions are never silent: SIGTERM, kill -9 and torn checkpoints all resume without losing an epoch twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+
+from histotoken.config import RunConfig
+from histotoken.engine.fit import train
+
+
+def tiny_config(root, **changes) -> RunConfig:
+    values = dict(
+        data=str(root), model="resnet18", task="subtype", train_domain="100", img_size=32,
+        epochs=3, batch_size=16, precision="32-true", seed=0, bootstrap=0,
+    )
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def histotoken_command(data: Path, out: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable, "-m", "histotoken.cli.main", "train", "--data", str(data), "--model", "resnet18",
+        "--task", "subtype", "--train-domain", "100", "--img-size", "32", "--epochs", str(epochs),
+        "--batch-size", "8", "--precision", "32-true", "--accelerator", "cpu", "--out", str(out),
+        "early_stopping_patience=100", "bootstrap=0",
+    ]
+
+
+def epochs_written(run: Path) -> int:
+    metrics = run / "metrics.csv"
+    return len(pd.read_csv(metrics)) if metrics.is_file() else 0
+
+
+def start_and_signal(command: list[str], run: Path, after_epochs: int, signum: int) -> subprocess.CompletedProcess:
+    """Start a training command, send ``signum`` once metrics.csv has ``after_epochs`` rows, wait for it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while epochs_written(run) < after_epochs and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, f"training ended before it could be interrupted:\n{process.stderr.read()}"
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_sigterm_then_kill_9_then_rerun_resumes_and_records_every_epoch_once(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    command = histotoken_command(synthetic_root, run, epochs=12)
+
+    terminated = start_and_signal(command, run, after_epochs=1, signum=signal.SIGTERM)
+    assert terminated.returncode == 143, terminated.stderr
+    assert "interrupted" in terminated.stderr and "Re-run the same command to resume" in terminated.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted", status
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+    done_before_kill = epochs_written(run)
+    killed = start_and_signal(command, run, after_epochs=done_before_kill + 2, signum=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+
+    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(12))  # every epoch exactly once, in order
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+class CrashAt(L.Callback):
+    """Raises at the first batch of ``epoch`` in ``stage`` (as a killed job would stop)."""
+
+    def __init__(self, stage: int, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage == self.stage and trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_torn_last_checkpoint_is_reported_and_the_stage_restarts(synthetic_root, tmp_path, caplog):
+    run = tmp_path / "run"
+    config = tiny_config(synthetic_root, epochs=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, run, extra_callbacks=[CrashAt(1, 2)])
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a kill in the middle of the write
+    with caplog.at_level("WARNING"):
+        result = train(config, run)
+    assert "last.ckpt is incomplete" in caplog.text and "restarting stage 1" in caplog.text
+    assert (run / "checkpoints" / "last.ckpt.torn").is_file()
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [0, 1, 2]
+    assert not result.already_finished
+
+
+def test_two_stage_model_resumes_in_the_middle_of_stage_two(learnable_root, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(
+        learnable_root, model="cnnprune_vit_tiny:patch_size=8,keep_ratio=0.5", stage_epochs=(2, 3),
+        early_stopping_patience=10,
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, run, extra_callbacks=[CrashAt(2, 2)])
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["stages_done"] == [1]
+    stage1_weights = (run / "checkpoints" / "stage1_final.safetensors").read_bytes()
+    train(config, run)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(zip(metrics["stage"], metrics["epoch"])) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    assert (run / "checkpoints" / "stage1_final.safetensors").read_bytes() == stage1_weights  # stage 1 not redone
+    assert json.loads((run / "status.json").read_text())["stages_done"] == [1, 2]
