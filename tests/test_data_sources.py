@@ -206,3 +206,32 @@ def test_shipped_cifar_specs_expand_and_magnification_specs_fail_on_folders(tmp_
     raw = {"models": ["resnet18"], "train_domains": ["100"], "tasks": ["classes"]}
     with pytest.raises(ValueError, match="has no magnifications"):
         prepare_study(spec_from_dict(raw, "spec.yaml", str(root)), tmp_path / "study")
+
+
+def test_tile_folder_is_indexed_by_table_row_and_read_through_the_slide_reader(tmp_path, monkeypatch):
+    import torch
+
+    import histotoken.data.wsi.dataset as wsi_dataset
+
+    root = tmp_path / "tiles_out"
+    (root / "tiles").mkdir(parents=True)
+    (root / "summary.csv").write_text("slide,n_tiles\nslide_a,3\n")
+    table = pd.DataFrame({
+        "slide": "slide_a", "slide_path": "/slides/a.tif", "x": [0, 256, 512], "y": 0, "level": 0,
+        "read_size": 256, "tile_size": 32, "mpp": 0.5, "tissue_fraction": 0.9,
+        "label": ["tumor", "normal", None], "patient_id": "patient_7",
+    })
+    table.to_parquet(root / "tiles" / "slide_a.parquet")
+    seen = []
+
+    def fake_read_tile(row):
+        seen.append(int(row["x"]))
+        return torch.full((3, 32, 32), int(row["x"]) // 256, dtype=torch.uint8)
+
+    monkeypatch.setattr(wsi_dataset, "read_tile", fake_read_tile)
+    index = load_index(root)
+    assert index.data_format == "tiles" and index.class_names == ("normal", "tumor")
+    assert len(index.frame) == 2 and [p for p, _ in index.skipped] == [f"{root / 'tiles' / 'slide_a.parquet'}#2"]
+    assert set(index.frame["patient_id"]) == {"patient_7"}
+    image = read_image(index.frame["path"].iloc[1])
+    assert seen == [256] and int(image[0, 0, 0]) == 1

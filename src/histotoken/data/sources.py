@@ -240,24 +240,31 @@ def read_cifar_record(path: str, record: int) -> torch.Tensor:
 def scan_tiles(data_root: str | Path) -> tuple[IndexResult, tuple[str, ...]]:
     """One row per tile of ``TILES_DIR/tiles/<slide>.parquet``; classes are the sorted tile labels."""
     root = Path(data_root).expanduser().resolve()
-    frames = []
+    frames, skipped = [], []
     for parquet in sorted((root / TILES_DIR).glob("*.parquet")):
         table = pd.read_parquet(parquet)
         missing = [c for c in ("label", "patient_id") if c not in table.columns]
         if missing:
             raise ValueError(f"tile table {parquet} lacks columns {missing}; re-run the tiling with labels")
-        labels = table["label"].astype(str).to_numpy()
+        labels = table["label"].fillna("").astype(str)
+        keys = pd.Series([f"{parquet}#{i}" for i in range(len(table))])
+        unlabelled = (labels == "").to_numpy()
+        skipped.extend((key, "tile has no label (unknown class); not usable for training") for key in keys[unlabelled])
+        kept = ~unlabelled
+        size = table["tile_size"].to_numpy()[kept] if "tile_size" in table else 0
         frames.append(pd.DataFrame({
-            "path": [f"{parquet}#{i}" for i in range(len(table))],
-            "patient_id": table["patient_id"].astype(str).to_numpy(),
-            "tumor_class": labels, "label": labels, "magnification": NO_MAGNIFICATION,
-            "width": table["tile_size"].to_numpy() if "tile_size" in table else 0,
-            "height": table["tile_size"].to_numpy() if "tile_size" in table else 0,
+            "path": keys[kept].to_numpy(), "patient_id": table["patient_id"].astype(str).to_numpy()[kept],
+            "tumor_class": labels[kept].to_numpy(), "label": labels[kept].to_numpy(),
+            "magnification": NO_MAGNIFICATION, "width": size, "height": size,
         }))
     if not frames:
         raise ValueError(f"{root / TILES_DIR} holds no <slide>.parquet tile tables; tile the slides first")
     frame = pd.concat(frames, ignore_index=True)
-    return IndexResult(frame, []), tuple(sorted(frame["label"].unique()))
+    if frame.empty:
+        raise ValueError(f"no tile in {root / TILES_DIR} has a label; tile with annotations or slide labels")
+    if skipped:
+        logger.warning("%d tiles without a label are left out", len(skipped))
+    return IndexResult(frame, skipped), tuple(sorted(frame["label"].unique()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,8 +279,7 @@ def read_tile_row(path: str, row: int) -> torch.Tensor:
     table = _tile_table(path)
     if not 0 <= row < len(table):
         raise ValueError(f"{path} has {len(table)} tiles; tile {row} does not exist. Re-index the tiles")
-    record = table.iloc[row]
-    return wsi.read_tile(record)
+    return wsi.read_tile(table.iloc[row])
 
 
 # --------------------------------------------------------------------------- reading any key
