@@ -258,3 +258,25 @@ def test_spec_factor_errors_name_the_file(tmp_path, factors, message):
     with pytest.raises(ValueError, match=message) as error:
         spec_from_dict(raw, "study.yaml")
     assert "study.yaml" in str(error.value)
+
+
+def test_training_with_stain_normalisation_keeps_the_target_and_builds_a_normalised_store(synthetic_root, tmp_path):
+    import json
+
+    from histotoken.config import RunConfig
+    from histotoken.data.index import cache_dir
+    from histotoken.engine.fit import train
+
+    target = sorted(synthetic_root.rglob("*-100-*.png"))[0]
+    config = RunConfig(
+        data=str(synthetic_root), model="resnet18", task="binary", train_domain="100", img_size=32, epochs=1,
+        batch_size=16, precision="32-true", bootstrap=0,
+        stain_norm="macenko", stain_target=str(target), stain_augment="hed",
+    )
+    train(config, tmp_path / "run", progress_bar=False)
+    paths = RunPaths(tmp_path / "run")
+    saved = read_json(paths.stain)
+    assert saved["method"] == "macenko" and saved["target_source"] == str(target.resolve())
+    assert paths.stain_target.is_file()
+    manifests = [json.loads(path.read_text()) for path in (cache_dir() / "stores").glob("*.json")]
+    assert any(manifest.get("preprocess_key") == saved["key"] for manifest in manifests)
