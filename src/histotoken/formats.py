@@ -299,3 +299,23 @@ class TilePaths:
 def is_tile_folder(path: Path) -> bool:
     """True for a folder written by ``histotoken tile`` (it has tiling.json and a tiles/ folder)."""
     return (Path(path) / TILE_SETTINGS).is_file() and (Path(path) / TILE_TABLES_DIR).is_dir()
+
+
+# --------------------------------------------------------------------------- other data sources, decoded stores
+
+# ImageFolder trees (histotoken.data.sources): DATA_ROOT/<class>/**/<image>; an optional CSV maps each
+# image (path relative to DATA_ROOT, or file name) to its patient/group, for group-disjoint splits.
+GROUPS_FILE = "groups.csv"
+GROUP_COLUMNS = ("image", "group")
+# CIFAR-10, binary version: DATA_ROOT or DATA_ROOT/cifar-10-batches-bin holds these files; each record is
+# 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32, row-major). Index keys: "<file>#<record>".
+CIFAR_DIR = "cifar-10-batches-bin"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST_FILE = "test_batch.bin"
+CIFAR_META_FILE = "batches.meta.txt"
+# Index keys of a tile folder's tiles: "<TILES_DIR>/tiles/<slide>.parquet#<row>".
+KEY_SEPARATOR = "#"
+# Decoded stores (histotoken.data.store), in $HISTOTOKEN_CACHE/stores: <KEY>.npy (uint8 (N, 3, S, S)),
+# <KEY>.json (manifest, written last), <KEY>.lock (held while building).
+STORES_DIR = "stores"
+STORE_MANIFEST_KEYS = ("version", "img_size", "preprocess_key", "shape", "bytes", "keys", "errors")

@@ -31,23 +31,23 @@ import pandas as pd
 import torch
 
 from histotoken.data.breakhis import IMAGE_SUFFIXES, INDEX_COLUMNS, IndexResult, find_breast_root, probe_image
+from histotoken.formats import (
+    CIFAR_DIR,
+    CIFAR_META_FILE,
+    CIFAR_TEST_FILE,
+    CIFAR_TRAIN_FILES,
+    GROUP_COLUMNS,
+    GROUPS_FILE,
+    KEY_SEPARATOR,
+)
+from histotoken.formats import TILE_SUMMARY as TILES_SUMMARY
+from histotoken.formats import TILE_TABLES_DIR as TILES_DIR
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("breakhis", "imagefolder", "cifar10", "tiles")
-GROUPS_FILE = "groups.csv"
-GROUP_COLUMNS = ("image", "group")
-CIFAR_DIR = "cifar-10-batches-bin"
-CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR_TEST_FILE = "test_batch.bin"
-CIFAR_META_FILE = "batches.meta.txt"
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE  # 1 label byte + R, G, B planes of 32x32
-TILES_SUMMARY = "summary.csv"
-TILES_DIR = "tiles"
-TILE_COLUMNS = (
-    "slide", "slide_path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction", "label", "patient_id",
-)
 UNGROUPED_WARNING = (
     "{root} has no image -> patient/group table ({groups} or --groups CSV): every image is its own group, "
     "so images of one patient may land on both sides of the split and test scores may be optimistic"
@@ -287,7 +287,7 @@ def read_tile_row(path: str, row: int) -> torch.Tensor:
 
 def split_key(key: str) -> tuple[str, int | None]:
     """``file.bin#17`` -> (``file.bin``, 17); a plain path -> (path, None)."""
-    base, sep, number = key.rpartition("#")
+    base, sep, number = key.rpartition(KEY_SEPARATOR)
     if sep and number.isdigit() and Path(base).suffix in (".bin", ".parquet"):
         return base, int(number)
     return key, None

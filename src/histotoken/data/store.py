@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histotoken.formats import STORES_DIR
 from histotoken.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-STORES_DIR = "stores"
 CHUNK = 32  # images per task sent to a decoding worker
 
 
