@@ -60,6 +60,14 @@ class TilingSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TilingSettings:
+        """The inverse of ``to_dict`` (e.g. a tile folder's tiling.json)."""
+        values = dict(data)
+        values["resolution"] = Resolution(**values["resolution"])
+        values["tissue"] = TissueSettings(**values.get("tissue", {}))
+        return cls(**values)
+
 
 @dataclasses.dataclass(frozen=True)
 class TileGrid:

@@ -1,0 +1,100 @@
+"""End to end on two generated slides: tile, train a tiny model a few steps, predict slides, heatmaps, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from histotoken import formats
+from histotoken.data.wsi.dataset import TileDataset
+from histotoken.data.wsi.reader import Resolution
+from histotoken.data.wsi.tiling import TilingSettings, read_tile_tables, slide_jobs, tile_slides
+from histotoken.engine.slides import predict_slides, slide_scores, tumor_class_index
+from tests.slide_fixture import NORMAL_SLIDE, TILE_SIZE, TUMOR_SLIDE, TUMOR_TILES, shared_slide_set
+
+IMG_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def slide_set(tmp_path_factory):
+    return shared_slide_set(tmp_path_factory)
+
+
+def _train_run(tiles_dir, run_dir) -> None:
+    """A few plain optimisation steps of a tiny Mixer on the tiles, saved as a run's best checkpoint."""
+    from safetensors.torch import save_file
+
+    from histotoken.data.transforms import model_normalisation
+    from histotoken.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mixer_tiny", num_classes=2, img_size=IMG_SIZE)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in model_normalisation(model))
+    data = TileDataset(read_tile_tables(tiles_dir), formats.TILE_CLASS_NAMES,
+                       transform=lambda image: (image.float() / 255 - mean) / std, image_size=IMG_SIZE)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    weight = torch.tensor([1.0, 4.0])  # 7 tumour tiles among 56
+    model.train()
+    for _ in range(6):
+        for images, targets in loader:
+            loss = torch.nn.functional.cross_entropy(model(images), targets, weight=weight)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    paths = formats.RunPaths(run_dir)
+    paths.checkpoints.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths.best_weights))
+    paths.best_meta.write_text(json.dumps({
+        "model_name": "mixer_tiny", "model_kwargs": {}, "num_classes": 2, "class_names": list(formats.TILE_CLASS_NAMES),
+        "task": "classes", "img_size": IMG_SIZE,
+    }))
+    paths.config.write_text(yaml.safe_dump({"data": str(tiles_dir), "seed": 0, "accelerator": "cpu",
+                                            "precision": "32-true"}))
+
+
+def test_tile_train_predict_heatmap_on_two_slides(slide_set, tmp_path):
+    tiles_dir, run_dir, out = tmp_path / "tiles", tmp_path / "run", tmp_path / "predictions"
+    settings = TilingSettings(tile_size=TILE_SIZE, resolution=Resolution(0.5, "mpp"))
+    slides = [slide_set["tumour"], slide_set["normal"]]
+    tile_slides(slide_jobs(slides, slide_set["annotations"], slide_set["labels"]), tiles_dir, settings)
+    _train_run(tiles_dir, run_dir)
+
+    result = predict_slides(run_dir, slides, out, annotations_dir=slide_set["annotations"],
+                            labels_csv=slide_set["labels"], n_bootstrap=50, top_k=5)
+
+    scores = pd.read_csv(out / formats.SLIDE_SCORES).set_index("slide")
+    assert list(scores.index) == [TUMOR_SLIDE, NORMAL_SLIDE]
+    assert scores.loc[TUMOR_SLIDE, "score_max"] > scores.loc[NORMAL_SLIDE, "score_max"]
+    assert scores.loc[TUMOR_SLIDE, "prediction"] == "tumor" and scores.loc[NORMAL_SLIDE, "prediction"] == "normal"
+    tiles = pd.read_parquet(out / formats.SLIDE_PREDICTIONS_DIR / f"{TUMOR_SLIDE}.parquet")
+    np.testing.assert_allclose(tiles["prob/normal"] + tiles["prob/tumor"], 1.0, rtol=1e-5)
+    assert len(tiles) == 28  # the run's own tiling (its tile folder's tiling.json) was reused
+    tumour = tiles[[(x, y) in TUMOR_TILES for x, y in zip(tiles["x"], tiles["y"])]]
+    assert tumour["prob/tumor"].min() > tiles.drop(tumour.index)["prob/tumor"].max()
+    from PIL import Image
+
+    with Image.open(out / formats.SLIDE_HEATMAPS_DIR / f"{TUMOR_SLIDE}.png") as picture:
+        assert picture.size == (256, 192)
+    evaluation = json.loads((out / formats.SLIDE_EVAL).read_text())
+    assert evaluation == result["eval"]
+    assert evaluation["n_slides"] == 2 and evaluation["accuracy"] == 1.0 and evaluation["auroc"] == 1.0
+    assert evaluation["confusion_matrix"] == [[1, 0], [0, 1]]
+    assert set(evaluation["ci95"]) >= {"accuracy", "macro_f1", "auroc"}
+    assert evaluation["tile_level"]["n_images"] == 56 and evaluation["tile_level"]["auroc"] == 1.0
+
+
+def test_slide_scores_are_the_maximum_and_top_k_mean():
+    assert slide_scores(np.array([0.1, 0.9, 0.5, 0.7]), top_k=2) == pytest.approx((0.9, 0.8))
+    assert slide_scores(np.array([0.3]), top_k=5) == pytest.approx((0.3, 0.3))
+    assert all(np.isnan(slide_scores(np.array([]), top_k=5)))
+
+
+def test_tumour_class_is_found_by_name():
+    assert tumor_class_index(["normal", "tumor"]) == 1
+    assert tumor_class_index(["malignant", "benign"]) == 0
