@@ -65,7 +65,7 @@ def test_compute_loss_combines_finite_parts(batch):
     model = _model().train()
     logits = model(batch[0])
     total, parts = model.compute_loss(logits, batch[1], torch.nn.CrossEntropyLoss())
-    assert set(parts) == {"vit_ce", "scorer_ce", "budget", "keep_rate"}
+    assert set(parts) == {"vit_ce", "scorer_ce", "budget", "keep_rate", "kept_fraction"}
     assert all(torch.isfinite(value) for value in parts.values())
     expected = (
         parts["vit_ce"] + model.aux_weight * parts["scorer_ce"] + model.efficiency_weight * parts["budget"]
@@ -74,6 +74,31 @@ def test_compute_loss_combines_finite_parts(batch):
     total.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+@pytest.mark.parametrize(("keep_ratio", "kept"), [(0.25, 16), (0.3, 19), (1.0, 64)])
+def test_kept_fraction_is_the_share_of_patches_the_vit_read(keep_ratio, kept, batch):
+    model = _model(keep_ratio).train()
+    logits = model(batch[0])
+    _, parts = model.compute_loss(logits, batch[1], torch.nn.CrossEntropyLoss())
+    assert model.token_info["kept_indices"].shape[1] == kept
+    assert parts["kept_fraction"].item() == pytest.approx(kept / NUM_PATCHES)
+
+
+def test_shifting_every_score_changes_the_budget_penalty_but_not_the_kept_tokens_or_logits(batch):
+    model = _model(0.25).eval()
+    criterion = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        logits = model(batch[0])
+        kept = model.token_info["kept_indices"].clone()
+        _, parts = model.compute_loss(logits, batch[1], criterion)
+        model.scorer.importance.bias += 3.0  # every score + 3: what the penalty pushes against
+        shifted_logits = model(batch[0])
+        _, shifted_parts = model.compute_loss(shifted_logits, batch[1], criterion)
+    assert torch.equal(model.token_info["kept_indices"], kept)
+    torch.testing.assert_close(shifted_logits, logits, rtol=1e-5, atol=1e-5)
+    assert shifted_parts["kept_fraction"] == parts["kept_fraction"]
+    assert shifted_parts["budget"] > parts["budget"] + 0.1
 
 
 def test_stage_one_trains_the_scorer_only(batch):

@@ -27,6 +27,12 @@ Training (hooks used by histotoken's engine):
   pooling (patches that predict the class get high scores), and, end to end, the ViT loss through
   the straight-through gate on the kept tokens. The budget penalty fixes the level of the scores
   so that ``sigmoid(score)`` reads as a keep probability with mean ``keep_ratio``.
+- What the penalty does, since ``k`` is fixed: nothing to the number of kept tokens, which is
+  always ``k``, and nothing to *which* tokens are kept or to the scorer's pooling, since top-k and
+  softmax ignore a shift of all scores. It only sets the shift: it keeps the scores where
+  ``sigmoid`` is not saturated, so that the straight-through gradient ``p (1 - p)`` reaching the
+  scores does not vanish, and it makes ``keep_rate`` (the mean keep probability, logged) comparable
+  with ``kept_fraction`` (``k / N``, the fraction of patch tokens the ViT actually read, also logged).
 - ``num_stages = 2``. Stage 1 (scorer warm-up): the ViT is frozen and the loss is the scorer's
   cross-entropy plus the budget penalty, so the importance map is learnt from the class signal
   alone (attention-MIL) before the ViT depends on it; the ViT loss is logged, not optimised.
@@ -275,7 +281,11 @@ class CNNPruneViT(nn.Module):
     def compute_loss(
         self, logits: torch.Tensor, target: torch.Tensor, criterion: nn.Module
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of the last forward pass (see module docstring); ``parts`` are detached, for logging."""
+        """Loss of the last forward pass (see module docstring); ``parts`` are detached, for logging.
+
+        ``parts``: ``vit_ce``, ``scorer_ce``, ``budget`` (the keep-probability penalty), ``keep_rate``
+        (mean ``sigmoid(score)``) and ``kept_fraction`` (``k / N``: patch tokens actually kept).
+        """
         if not self._outputs:
             raise RuntimeError("compute_loss needs a forward pass first: call model(images) before it")
         vit_ce = criterion(logits, target)
@@ -286,7 +296,11 @@ class CNNPruneViT(nn.Module):
             total = scorer_ce + self.efficiency_weight * budget
         else:
             total = vit_ce + self.aux_weight * scorer_ce + self.efficiency_weight * budget
-        parts = {"vit_ce": vit_ce, "scorer_ce": scorer_ce, "budget": budget, "keep_rate": keep_rate}
+        kept_fraction = keep_rate.new_tensor(self.num_kept / self._outputs["keep_prob"].shape[1])  # k / N
+        parts = {
+            "vit_ce": vit_ce, "scorer_ce": scorer_ce, "budget": budget, "keep_rate": keep_rate,
+            "kept_fraction": kept_fraction,
+        }
         return total, {name: value.detach() for name, value in parts.items()}
 
     def set_stage(self, stage: int) -> None:
