@@ -4,7 +4,8 @@ The labels CSV has one row per slide. With a header, the columns ``slide`` (or `
 ``label`` (or ``class``, ``stage``) are used, and ``patient_id`` (or ``patient``) when present; without a
 header (CAMELYON16's reference.csv: ``test_001,Tumor,Macro,Primary``) the first two columns are slide
 and label. Slide names may carry a file suffix. Labels are normalised to ``tumor`` / ``normal``:
-CAMELYON17 node stages ``itc``, ``micro``, ``macro`` count as tumour, ``negative`` as normal.
+CAMELYON17 node stages ``itc``, ``micro``, ``macro`` count as tumour, ``negative`` as normal (its
+stage CSV, ``patient,stage``, names slides in the ``patient`` column; its patient rows are skipped).
 Patient ids come from the CSV, else from CAMELYON17 names ``patient_XXX_node_Y`` (-> ``patient_XXX``),
 else each slide is its own patient.
 """
@@ -54,6 +55,11 @@ def read_slide_labels(path: str | Path) -> pd.DataFrame:
     columns = {c.strip().lower(): c for c in frame.columns}
     slide_column = next((columns[c] for c in SLIDE_COLUMNS if c in columns), None)
     label_column = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
+    if slide_column is None and label_column is not None and "patient" in columns:
+        # CAMELYON17 stage CSV: "patient,stage" with slide rows (patient_004_node_4.tif,itc) and patient rows
+        # (patient_004.zip,pN1); the slide rows are the slide labels.
+        slide_column = columns.pop("patient")
+        frame = frame[~frame[slide_column].str.lower().str.endswith(".zip")]
     if slide_column is None or label_column is None:  # no header: CAMELYON16 reference.csv
         frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
         if frame.shape[1] < 2:
