@@ -56,6 +56,11 @@ def rollout(attentions: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> t
         identity = torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
         mixed = 0.5 * mixed + 0.5 * identity
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        if flow is not None and flow.shape != mixed.shape:
+            raise ValueError(
+                f"attention over {mixed.shape[-1]} tokens follows attention over {flow.shape[-1]}: rollout "
+                "needs blocks that all see the same tokens, every patch of the patch grid (no token reduction)"
+            )
         flow = mixed if flow is None else mixed @ flow  # later blocks act on earlier blocks' output
     return flow[:, 0, num_prefix_tokens:]  # class token's row, patch columns
 
