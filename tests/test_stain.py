@@ -81,15 +81,26 @@ def test_reinhard_matches_the_targets_lab_statistics(tmp_path):
     assert (source_stats - target_stats).abs().max() > 2.0
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard"])
-def test_blank_image_is_left_unchanged_with_a_warning_naming_it(tmp_path, caplog, method):
-    normaliser, _ = make_stain_normaliser(method, write_png(synthetic_he("14-10001"), tmp_path / "target.png"))
+def blank_tile() -> torch.Tensor:
     blank = torch.full((3, 40, 40), 244, dtype=torch.uint8)
     blank[:, :4, :4] = 120  # a speck of something, far below the tissue share needed for a fit
+    return blank
+
+
+def grey_tissue() -> torch.Tensor:
+    """Tissue without colour (a greyscale scan converted to RGB): one stain direction, flat LAB a/b."""
+    return synthetic_he("14-10001", size=(40, 40)).float().mean(dim=0).round().to(torch.uint8).expand(3, -1, -1)
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+@pytest.mark.parametrize("make_image", [blank_tile, grey_tissue])
+def test_unfittable_image_is_left_unchanged_with_a_warning_naming_it(tmp_path, caplog, method, make_image):
+    normaliser, _ = make_stain_normaliser(method, write_png(synthetic_he("14-10001"), tmp_path / "target.png"))
+    image = make_image().contiguous()
     with caplog.at_level(logging.WARNING, logger="histotoken.data.stain"):
-        result = normaliser.normalise_or_keep(blank, "slides/blank_tile.png")
-    assert torch.equal(result, blank)
-    assert "slides/blank_tile.png" in caplog.text
+        result = normaliser.normalise_or_keep(image, "slides/odd_tile.png")
+    assert torch.equal(result, image)
+    assert "slides/odd_tile.png" in caplog.text
 
 
 def test_store_normalises_tissue_and_keeps_a_blank_tile_with_a_warning_naming_it(tmp_path, caplog):

@@ -40,6 +40,11 @@ LIGHT_INTENSITY = 240
 TISSUE_OD_THRESHOLD = 0.15
 # An image with less tissue than this share of its pixels is not fitted (left unnormalised).
 MIN_TISSUE_FRACTION = 0.01
+# Macenko needs two stain colours: the second-largest eigenvalue of the tissue's optical-density
+# covariance must be at least this share of the largest (a grey or one-colour image has about 0).
+MIN_SECOND_STAIN_SHARE = 1e-3
+# Reinhard divides by each LAB channel's standard deviation: a channel flatter than this is not fitted.
+MIN_LAB_STD = 0.5
 
 
 class StainFitError(PreprocessSkipped):
@@ -52,8 +57,31 @@ class StainFitError(PreprocessSkipped):
 
 def tissue_fraction(image: torch.Tensor) -> float:
     """Share of pixels of a (3, H, W) uint8 image that are stained tissue (Macenko's criterion)."""
+    return float(_tissue_optical_density(image).shape[1]) / max(1, image.shape[1] * image.shape[2])
+
+
+def _tissue_optical_density(image: torch.Tensor) -> torch.Tensor:
     optical_density = -torch.log((image.reshape(3, -1).float() + 1) / LIGHT_INTENSITY)  # (3, H*W)
-    return float((optical_density >= TISSUE_OD_THRESHOLD).all(dim=0).float().mean())
+    return optical_density[:, (optical_density >= TISSUE_OD_THRESHOLD).all(dim=0)]  # (3, tissue pixels)
+
+
+def check_fittable(image: torch.Tensor, method: str) -> None:
+    """Raise StainFitError when ``method`` cannot be fitted on ``image`` (blank, background-only, one colour)."""
+    fraction = tissue_fraction(image)
+    if fraction < MIN_TISSUE_FRACTION:
+        raise StainFitError(f"only {fraction:.1%} of its pixels are tissue, fewer than {MIN_TISSUE_FRACTION:.0%}")
+    if method == "macenko":
+        tissue = _tissue_optical_density(image)
+        eigenvalues = torch.linalg.eigvalsh(torch.cov(tissue))  # ascending
+        if eigenvalues[1] < MIN_SECOND_STAIN_SHARE * eigenvalues[2].clamp_min(1e-12):
+            raise StainFitError("its tissue shows one stain colour only (grey or uniform), not two")
+    else:
+        from torchstain.torch.utils.rgb2lab import rgb2lab
+        from torchstain.torch.utils.split import lab_split
+
+        lab_stds = [float(channel.std()) for channel in lab_split(rgb2lab(image.float() / 255))]
+        if min(lab_stds) < MIN_LAB_STD:
+            raise StainFitError(f"a LAB channel is flat (standard deviations {[round(x, 2) for x in lab_stds]})")
 
 
 class StainNormaliser:
@@ -94,9 +122,7 @@ class StainNormaliser:
         self.key = f"{method}-torchstain{version}-{digest.hexdigest()[:16]}"
 
     def _fit(self, target: torch.Tensor) -> None:
-        fraction = tissue_fraction(target)
-        if fraction < MIN_TISSUE_FRACTION:
-            raise StainFitError(f"only {fraction:.1%} of its pixels are tissue, fewer than {MIN_TISSUE_FRACTION:.0%}")
+        check_fittable(target, self.method)
         try:
             self._normaliser.fit(target)
         except (RuntimeError, IndexError) as error:
@@ -113,9 +139,7 @@ class StainNormaliser:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """Normalise one (3, H, W) uint8 image; raises StainFitError when it cannot be fitted."""
-        fraction = tissue_fraction(image)
-        if fraction < MIN_TISSUE_FRACTION:
-            raise StainFitError(f"only {fraction:.1%} of its pixels are tissue, fewer than {MIN_TISSUE_FRACTION:.0%}")
+        check_fittable(image, self.method)
         try:
             if self.method == "macenko":
                 result, _, _ = self._normaliser.normalize(image, Io=LIGHT_INTENSITY, stains=False)  # (H, W, 3) int
