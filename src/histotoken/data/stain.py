@@ -32,6 +32,8 @@ from histotoken.io import atomic_write_bytes, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
+# Part of every store key: bump it when the normalisation of an image changes (thresholds, checks).
+STAIN_VERSION = 1
 # Choices of RunConfig.stain_norm (config.py repeats them for validation without importing torch).
 STAIN_NORM_METHODS = ("none", "macenko", "reinhard", "vahadane")
 # torchstain's transmitted-light intensity and transparency threshold (its own defaults): a pixel
@@ -119,7 +121,7 @@ class StainNormaliser:
                 f"{target_name} cannot serve as a stain target ({error}); choose an H&E image that shows tissue"
             ) from None
         digest = hashlib.sha256(f"{tuple(target.shape)}".encode() + target.contiguous().numpy().tobytes())
-        self.key = f"{method}-torchstain{version}-{digest.hexdigest()[:16]}"
+        self.key = f"{method}-v{STAIN_VERSION}-torchstain{version}-{digest.hexdigest()[:16]}"
 
     def _fit(self, target: torch.Tensor) -> None:
         check_fittable(target, self.method)
