@@ -37,7 +37,7 @@ STAIN_VERSION = 1
 # Choices of RunConfig.stain_norm (config.py repeats them for validation without importing torch).
 STAIN_NORM_METHODS = ("none", "macenko", "reinhard", "vahadane")
 # torchstain's transmitted-light intensity and transparency threshold (its own defaults): a pixel
-# is tissue when its optical density is at least BETA in every channel.
+# is tissue when its optical density is at least TISSUE_OD_THRESHOLD in every channel.
 LIGHT_INTENSITY = 240
 TISSUE_OD_THRESHOLD = 0.15
 # An image with less tissue than this share of its pixels is not fitted (left unnormalised).
