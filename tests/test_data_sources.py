@@ -235,3 +235,11 @@ def test_tile_folder_is_indexed_by_table_row_and_read_through_the_slide_reader(t
     assert set(index.frame["patient_id"]) == {"patient_7"}
     image = read_image(index.frame["path"].iloc[1])
     assert seen == [256] and int(image[0, 0, 0]) == 1
+
+
+def test_index_cli_lists_classes_of_a_cifar_folder(cifar_root, capsys):
+    from histotoken.cli.main import main
+
+    assert main(["index", str(cifar_root), "--data-format", "cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "36 images" in out and "cifar10: images per class" in out and "horse" in out
