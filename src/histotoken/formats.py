@@ -49,6 +49,20 @@ PREDICTIONS_SUFFIX = ".predictions.csv"
 PREDICTION_COLUMNS = ("path", "patient_id", "target", "prediction")
 PROBABILITY_PREFIX = "prob/"
 
+# histotoken predict: one row per input image: PREDICT_COLUMNS, one "prob/<class name>" column per
+# class, then PREDICT_ERROR_COLUMN (empty, or why the image could not be scored; then no prediction).
+PREDICT_COLUMNS = ("path", "predicted_class")
+PREDICT_ERROR_COLUMN = "error"
+
+# histotoken export: RUN_DIR/export/<format>/ holds the exported model and EXPORT_MANIFEST (classes,
+# normalisation, input size, the run it came from and the parity check against PyTorch).
+EXPORT_DIR = "export"
+EXPORT_MANIFEST = "export.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+TIMM_CONFIG_FILE = "config.json"  # the layout timm's save_for_hf writes
+TIMM_WEIGHTS_FILE = "model.safetensors"
+
 # explain/<domain>/ (histotoken explain): explain.json (scores, selected images, timings) and PNG figures.
 EXPLAIN_DIR = "explain"
 EXPLAIN_SCORES = "explain.json"
@@ -158,6 +172,10 @@ class RunPaths:
 
     def stage_weights(self, stage: int) -> Path:
         return self.checkpoints / f"stage{stage}_final.safetensors"
+
+    def export_dir(self, export_format: str) -> Path:
+        """export/<format>/: an exported model and its export.json (histotoken export)."""
+        return self.root / EXPORT_DIR / export_format
 
 
 def is_variant_evaluation(path: Path) -> bool:
