@@ -205,3 +205,15 @@ def test_benchmark_command_explains_its_figures_with_an_example(capsys):
     assert "histotoken benchmark --model deit_small_patch16_224" in text
     for figure in ("GFLOPs/img", "latency ms", "img/s", "peak MB", "speed vs first", "tokens_per_block"):
         assert figure in text
+
+
+def test_deit_small_counts_attention_on_every_machine():
+    # 9.2 GFLOPs at 224 px (multiply-add = 2), attention matmuls included, whichever fused kernel runs
+    import timm
+
+    from histotoken.engine.benchmark import count_flops_and_tokens
+
+    model = timm.create_model("deit_small_patch16_224").eval()
+    gflops, tokens, _ = count_flops_and_tokens(model, torch.randn(1, 3, 224, 224))
+    assert 9.1 <= gflops <= 9.3
+    assert tokens == [197] * 12

@@ -207,6 +207,7 @@ def evaluate_run(
     run's own evaluations stay as they are.
     """
     from histotoken.data.dataset import ImageDataset, ImageStore, class_column
+    from histotoken.data.stain import saved_stain_normaliser
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.inference import predict_logits
     from histotoken.engine.precision import resolve_precision
@@ -220,7 +221,10 @@ def evaluate_run(
         split = _rebase_paths(split, data_root)
     test = select_domain(split[split["split"] == "test"], domain, f"the test split of {paths.splits}")
     # The split as a whole is the store's universe: every run and domain of a study shares one decoded store.
-    store = ImageStore.build(test, meta["img_size"], universe=split)
+    preprocess, preprocess_key = saved_stain_normaliser(paths.root)  # (None, "") without stain normalisation
+    store = ImageStore.build(
+        test, meta["img_size"], universe=split, preprocess=preprocess, preprocess_key=preprocess_key
+    )
     names = meta["class_names"]
     column = meta.get("class_column") or class_column(meta["task"])
     dataset = ImageDataset(store, names, column, transform=lambda image: image)  # normalised on the device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -364,7 +365,10 @@ def make_logger(config: RunConfig, paths: RunPaths, stage: int):
         if name == "mlflow":
             from lightning.pytorch.loggers import MLFlowLogger
 
-            uri = config.logger_uri or (paths.root / "mlruns").resolve().as_uri()
+            uri = config.logger_uri
+            if not uri:  # a local file store in the run folder (recent MLflow asks for this opt-in)
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = (paths.root / "mlruns").resolve().as_uri()
             return MLFlowLogger(experiment_name="histotoken", run_name=f"{paths.root.name}-{version}", tracking_uri=uri)
         from lightning.pytorch.loggers import WandbLogger
 
