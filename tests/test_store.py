@@ -121,3 +121,17 @@ def test_worker_processes_decode_the_same_pixels(synthetic_root, tmp_path):
     serial = ImageStore.build(frame, 16, cache_dir=tmp_path / "serial")
     parallel = ImageStore.build(frame, 16, cache_dir=tmp_path / "parallel", workers=2)
     assert torch.equal(serial.images, parallel.images)
+
+
+def test_temporary_file_of_a_dead_builder_is_removed_on_the_next_build(frame, tmp_path):
+    import os
+
+    from histotoken.data.store import store_key
+
+    name = store_key(frame["path"].tolist(), 24)
+    stale, fresh = tmp_path / f".{name}.999.dead.npy.tmp", tmp_path / f".{name}.998.busy.npy.tmp"
+    stale.write_bytes(b"half a store")
+    fresh.write_bytes(b"another builder, still writing")
+    os.utime(stale, (0, 0))  # days old
+    ImageStore.build(frame, 24, cache_dir=tmp_path)
+    assert not stale.exists() and fresh.exists()

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -178,8 +179,20 @@ def build_store(
     return found
 
 
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a builder that died
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    now = time.time()
+    for tmp in directory.glob(f".{name}.*.npy.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                tmp.unlink()
+
+
 def _write_store(directory, name, keys, img_size, preprocess, preprocess_key, workers, progress) -> None:
     npy = directory / f"{name}.npy"
+    _remove_stale_temporaries(directory, name)
     tmp = directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy.tmp"
     shape = (len(keys), 3, img_size, img_size)
     logger.info("decoding %d images at %d px into %s", len(keys), img_size, npy)
