@@ -32,17 +32,48 @@ def test_metric_values_equal_scikit_learn():
         assert values[name] == pytest.approx(function(predictions.y_true, predictions.y_pred))
 
 
-def test_each_patient_resample_equals_scikit_learn_on_the_drawn_images():
+@pytest.mark.parametrize("stratified", [False, True])
+def test_each_patient_resample_equals_scikit_learn_on_the_drawn_images(stratified):
     predictions = random_predictions(np.random.default_rng(1), per_patient=3)
-    unique, draws = st.patient_draws(predictions.patients, 5, np.random.default_rng(2))
+    unique = np.unique(predictions.patients)
+    strata = st.patient_classes([predictions], unique) if stratified else None
+    unique, draws = st.patient_draws(predictions.patients, 20, np.random.default_rng(2), strata)
     index = st.image_index(predictions.patients, unique, draws)
-    values = st.resampled_metrics(predictions, index, num_classes=4)
-    for row in range(5):
+    values = st.resampled_metrics(predictions, unique, draws, num_classes=4)
+    for row in range(20):
         rows = index[row][index[row] >= 0]
         assert len(rows) == 3 * len(unique)  # whole patients, all of their images
         for name, function in SKLEARN.items():
             expected = function(predictions.y_true[rows], predictions.y_pred[rows])
             assert values[name][row] == pytest.approx(expected)
+
+
+def test_stratified_draws_keep_each_class_s_number_of_patients():
+    predictions = random_predictions(np.random.default_rng(9), n_patients=16)
+    unique = np.unique(predictions.patients)
+    classes = st.patient_classes([predictions], unique)
+    _, draws = st.patient_draws(predictions.patients, 50, np.random.default_rng(3), classes)
+    for draw in draws:
+        assert sorted(classes[draw]) == sorted(classes)
+
+
+def test_a_class_with_a_single_test_patient_turns_stratification_off():
+    one_each = st.Predictions(np.arange(4), np.arange(4), np.asarray(["a", "b", "c", "d"]))
+    assert st.class_strata([one_each], np.unique(one_each.patients)) is None
+    two_each = st.Predictions(np.repeat(np.arange(2), 2), np.zeros(4, int), np.asarray(["a", "b", "c", "d"]))
+    assert list(st.class_strata([two_each], np.unique(two_each.patients))) == [0, 0, 1, 1]
+
+
+def test_a_pooled_interval_with_two_test_patients_per_class_still_contains_the_mean():
+    # Unstratified patient resampling would drop whole classes and pull macro-F1 far below its value.
+    rng = np.random.default_rng(10)
+    folds = []
+    for fold in range(2):
+        y_true = np.repeat(np.arange(8), 6)
+        y_pred = np.where(rng.random(48) < 0.7, y_true, rng.integers(0, 8, 48))
+        folds.append(st.Predictions(y_true, y_pred, np.repeat([f"f{fold}p{k}" for k in range(16)], 3)))
+    pooled = st.pooled_interval(folds, num_classes=8, n_resamples=300)["macro_f1"]
+    assert pooled.low < pooled.mean < pooled.high
 
 
 def test_identical_models_differ_by_zero_with_an_interval_covering_zero():

@@ -1,8 +1,21 @@
 """Statistics a reviewer accepts: intervals over patients, across seeds/folds, and paired comparisons.
 
 Pure functions on arrays and frames (the per-image predictions that evaluation writes beside each
-``eval/<domain>.json``, see ``docs/formats.md``); no model code. Metric values equal scikit-learn's
-(:func:`histotoken.engine.metrics.headline_metrics`, vectorised over resamples).
+``eval/<domain>.json``, see ``docs/formats.md``); no model code, no torch. Metric values equal
+scikit-learn's: a point value is ``sklearn.metrics``' own; for resamples, which are unions of whole
+patients, each resample's confusion matrix is the sum of its drawn patients' confusion matrices
+(``sklearn.metrics.confusion_matrix`` per patient, then one matrix product for all resamples), and
+accuracy, balanced accuracy and macro-F1 are read off it exactly as scikit-learn defines them
+(:func:`metrics_from_confusion`; the tests check every resample against scikit-learn).
+
+**Resampling** draws test patients with replacement **within each class** (a patient's class is the
+label of its images) when every class has at least two test patients: every resample then keeps the
+test set's class composition, and macro-F1 and balanced accuracy of the resamples are not pulled
+down by classes that drop out. When some class has a single test patient (BreakHis: about 12 test
+patients for 8 subtypes), stratifying would freeze that class (no variation at all, and intervals
+of zero width), so patients are drawn from the whole test set instead (the plain cluster
+bootstrap). Then classes drop out of some resamples and the interval of a single metric can sit
+below its point value; paired differences suffer less, as both sides lose the same classes.
 
 Three kinds of numbers, and which one a table shows is always stated:
 
@@ -30,6 +43,7 @@ A difference is **resolved** at this sample size when its interval excludes zero
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,8 +77,8 @@ class Predictions:
         if missing:
             raise ValueError(f"a predictions table lacks the column(s) {missing} (see docs/formats.md)")
         return cls(
-            frame["target"].to_numpy(dtype=np.int64), frame["prediction"].to_numpy(dtype=np.int64),
-            frame["patient_id"].astype(str).to_numpy(), frame["path"].astype(str).to_numpy(),
+            np.array(frame["target"], dtype=np.int64), np.array(frame["prediction"], dtype=np.int64),
+            np.array(frame["patient_id"].astype(str)), np.array(frame["path"].astype(str)),
         )
 
     @property
@@ -116,12 +130,41 @@ def num_classes_of(path: str | Path) -> int | None:
     return count or None
 
 
-def metric_values(predictions: Predictions, num_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy and macro-F1 of one prediction set (equal to scikit-learn's)."""
-    from histotoken.engine.metrics import headline_metrics
+def metric_values(predictions: Predictions, num_classes: int | None = None) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 of one prediction set, by ``sklearn.metrics``."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    values = headline_metrics(predictions.y_true, predictions.y_pred, num_classes)
-    return {name: float(values[name][0]) for name in HEADLINE_METRICS}
+    y_true, y_pred = predictions.y_true, predictions.y_pred
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": they are left out, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        }
+
+
+def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Headline metrics of (..., C, C) confusion matrices (rows true, columns predicted), as scikit-learn:
+
+    accuracy = trace / total; balanced accuracy = mean recall over the classes present in the labels;
+    macro-F1 = mean of 2 TP / (2 TP + FP + FN) over the classes present in the labels or predictions.
+    """
+    confusion = np.asarray(confusion, dtype=float)
+    true_positives = np.diagonal(confusion, axis1=-2, axis2=-1)
+    support = confusion.sum(-1)  # (..., C) images of each true class
+    predicted = confusion.sum(-2)  # (..., C) images predicted as each class
+    in_labels = support > 0
+    in_either = in_labels | (predicted > 0)
+    recall = np.divide(true_positives, support, out=np.zeros_like(true_positives), where=in_labels)
+    denominator = support + predicted  # = 2 TP + FP + FN
+    f1 = np.divide(2 * true_positives, denominator, out=np.zeros_like(true_positives), where=in_either)
+    total = confusion.sum((-2, -1))
+    return {
+        "accuracy": true_positives.sum(-1) / np.maximum(total, 1),
+        "balanced_accuracy": recall.sum(-1) / np.maximum(in_labels.sum(-1), 1),
+        "macro_f1": f1.sum(-1) / np.maximum(in_either.sum(-1), 1),
+    }
 
 
 def seed_spread(values: Sequence[float]) -> Spread:
@@ -141,18 +184,45 @@ def is_resolved(low: float, high: float) -> bool:
 # --------------------------------------------------------------------------- resampling
 
 
-def patient_draws(patients: Sequence[str], n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The patients of a test set (sorted) and (R, P) draws of P of them with replacement."""
+def patient_classes(predictions: Sequence[Predictions], unique: np.ndarray) -> np.ndarray:
+    """Each patient's class: the most frequent label of its images (over every given prediction set)."""
+    patients = np.concatenate([p.patients for p in predictions])
+    labels = np.concatenate([p.y_true for p in predictions])
+    frame = pd.DataFrame({"patient": patients, "label": labels})
+    mode = frame.groupby("patient")["label"].agg(lambda x: x.value_counts().index[0])
+    return mode.reindex(unique).to_numpy()
+
+
+def class_strata(predictions: Sequence[Predictions], unique: np.ndarray) -> np.ndarray | None:
+    """Strata for :func:`patient_draws`: each patient's class when every class has two or more
+    patients, else None (resample the whole test set; see the module docstring)."""
+    classes = patient_classes(predictions, unique)
+    _, counts = np.unique(classes, return_counts=True)
+    return classes if counts.min() >= 2 else None
+
+
+def patient_draws(
+    patients: Sequence[str], n_resamples: int, rng: np.random.Generator, strata: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The test set's patients (sorted) and (R, P) indices of P patients drawn with replacement.
+
+    With ``strata`` (one value per sorted patient, e.g. its class), each stratum's patients are drawn
+    from that stratum only, as many as it holds.
+    """
     unique = np.unique(np.asarray(patients, dtype=str))
-    return unique, rng.integers(0, len(unique), size=(n_resamples, len(unique)))
+    if strata is None:
+        return unique, rng.integers(0, len(unique), size=(n_resamples, len(unique)))
+    strata = np.asarray(strata)
+    draws = np.empty((n_resamples, len(unique)), dtype=np.int64)
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        draws[:, members] = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]
+    return unique, draws
 
 
 def image_index(patients: np.ndarray, unique: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """(R, width) image indices of the drawn patients' images; -1 pads shorter rows.
-
-    A drawn patient without images in this set (possible when two arms share patients but not
-    images) contributes nothing to the row.
-    """
+    """(R, width) image indices of the drawn patients' images; -1 pads shorter rows (for inspection
+    and tests; :func:`resampled_metrics` works from per-patient confusion matrices instead)."""
     rows_of = [np.flatnonzero(patients == patient) for patient in unique]
     samples = [np.concatenate([rows_of[i] for i in draw]) for draw in draws]
     width = max(1, max(len(rows) for rows in samples))
@@ -162,17 +232,28 @@ def image_index(patients: np.ndarray, unique: np.ndarray, draws: np.ndarray) -> 
     return index
 
 
-def resampled_metrics(predictions: Predictions, index: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
-    """(R,) values of each headline metric on the resampled image sets ``index`` (-1 = padding)."""
-    import torch
+def resampled_metrics(
+    predictions: Predictions, unique: np.ndarray, draws: np.ndarray, num_classes: int,
+) -> dict[str, np.ndarray]:
+    """(R,) values of each headline metric on the resamples ``draws`` of the patients ``unique``.
 
-    from histotoken.engine.metrics import headline_metrics
+    A drawn patient without images in ``predictions`` (possible when two arms share patients but not
+    images) adds nothing to the resample.
+    """
+    from sklearn.metrics import confusion_matrix
 
-    pad = index < 0
-    truth = np.where(pad, -1, predictions.y_true[np.where(pad, 0, index)])
-    predicted = np.where(pad, 0, predictions.y_pred[np.where(pad, 0, index)])
-    values = headline_metrics(torch.as_tensor(truth), torch.as_tensor(predicted), num_classes)
-    return {name: values[name].numpy().astype(float) for name in HEADLINE_METRICS}
+    labels = np.arange(num_classes)
+    per_patient = np.zeros((len(unique), num_classes * num_classes))  # (P, C*C)
+    for i, patient in enumerate(unique):
+        mine = predictions.patients == patient
+        if mine.any():
+            per_patient[i] = confusion_matrix(
+                predictions.y_true[mine], predictions.y_pred[mine], labels=labels
+            ).ravel()
+    counts = np.zeros((len(draws), len(unique)))  # (R, P) times each patient was drawn
+    np.add.at(counts, (np.arange(len(draws))[:, None], draws), 1)
+    confusion = (counts @ per_patient).reshape(len(draws), num_classes, num_classes)  # (R, C, C)
+    return metrics_from_confusion(confusion)
 
 
 def _percentiles(values: np.ndarray) -> tuple[float, float]:
@@ -198,8 +279,9 @@ def pooled_interval(
     points = [metric_values(fold, num_classes) for fold in folds]
     sums = {name: np.zeros(n_resamples) for name in HEADLINE_METRICS}
     for fold in folds:
-        unique, draws = patient_draws(fold.patients, n_resamples, rng)
-        values = resampled_metrics(fold, image_index(fold.patients, unique, draws), num_classes)
+        unique = np.unique(fold.patients)
+        unique, draws = patient_draws(fold.patients, n_resamples, rng, class_strata([fold], unique))
+        values = resampled_metrics(fold, unique, draws, num_classes)
         for name in HEADLINE_METRICS:
             sums[name] += values[name]
     result = {}
@@ -239,10 +321,11 @@ def paired_difference(
         shared = np.intersect1d(np.unique(a.patients), np.unique(b.patients))
         if len(shared) == 0:
             raise ValueError("the two sides of a paired comparison share no test patient")
-        unique, draws = patient_draws(np.concatenate([a.patients, b.patients]), n_resamples, rng)
+        both = np.concatenate([a.patients, b.patients])
+        unique, draws = patient_draws(both, n_resamples, rng, class_strata([a, b], np.unique(both)))
         n_patients += len(unique)
-        values_a = resampled_metrics(a, image_index(a.patients, unique, draws), num_classes)
-        values_b = resampled_metrics(b, image_index(b.patients, unique, draws), num_classes)
+        values_a = resampled_metrics(a, unique, draws, num_classes)
+        values_b = resampled_metrics(b, unique, draws, num_classes)
         whole_a, whole_b = metric_values(a, num_classes), metric_values(b, num_classes)
         for name in HEADLINE_METRICS:
             sums[name] += values_a[name] - values_b[name]

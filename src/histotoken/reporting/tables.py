@@ -183,15 +183,20 @@ def class_order(names: Iterable[str]) -> list[str]:
 def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
     """One row per model x task x train domain x test domain x metric, averaged over seeds/folds.
 
-    ``value``, ``ci_low`` and ``ci_high`` are means over seeds; ``n_seeds`` counts them.
+    ``value`` is the mean over seeds, ``sd`` their standard deviation (ddof=1) and ``n_seeds`` their
+    number. ``ci_low``/``ci_high`` are the run's own patient-bootstrap interval when there is one
+    seed, and NaN with several: averaging interval bounds is not an interval of anything (the pooled
+    interval over seeds comes from :func:`histotoken.reporting.statistics.pooled_interval`).
     """
     keys = ["model", "task", "train_domain", "test_domain", "metric"]
     summary = (
         results.groupby(keys, sort=False, dropna=False)
-        .agg(value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
-             n_seeds=("seed", "nunique"))
+        .agg(value=("value", "mean"), sd=("value", "std"), ci_low=("ci_low", "first"),
+             ci_high=("ci_high", "first"), n_seeds=("seed", "nunique"))
         .reset_index()
     )
+    several = summary["n_seeds"] > 1
+    summary.loc[several, ["ci_low", "ci_high"]] = np.nan
     return summary
 
 

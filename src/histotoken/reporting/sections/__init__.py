@@ -5,13 +5,23 @@ Each module defines ``SECTION``, a :class:`~histotoken.reporting.sections.contex
 module and one more entry in ``SECTIONS``.
 """
 
-from histotoken.reporting.sections import cost, cross_domain, failed, in_domain, preview, runs, setup
+from histotoken.reporting.sections import (
+    cost,
+    cross_domain,
+    failed,
+    in_domain,
+    preview,
+    runs,
+    setup,
+    statistics,
+)
 from histotoken.reporting.sections.context import ReportSection, SectionContext
 
 SECTIONS: tuple[ReportSection, ...] = (
     setup.SECTION,
     in_domain.SECTION,
     cross_domain.SECTION,
+    statistics.SECTION,
     cost.SECTION,
     runs.SECTION,
     preview.SECTION,

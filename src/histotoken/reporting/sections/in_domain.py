@@ -16,7 +16,9 @@ def build(context: SectionContext) -> list:
         "Each row is one model trained and tested on the same magnification (in-domain), on the "
         "held-out patients of the test split. Each value is followed by its 95% interval as the evaluation "
         "wrote it (a bootstrap over test patients; the value alone where the file has no interval). With "
-        "several seeds or folds, values and interval bounds are averaged over them. Patient-level accuracy "
+        "several seeds or folds, the value is their mean and no interval is shown here (averaged interval "
+        "bounds are not an interval); section \"Statistics\" gives their standard deviation and a pooled "
+        "interval. Patient-level accuracy "
         "is the BreakHis patient recognition rate: the mean over test patients of the fraction of their "
         "images classified correctly."
     )]

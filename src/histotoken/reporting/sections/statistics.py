@@ -1,0 +1,219 @@
+"""Report section "Statistics": seeds pooled properly, and paired comparisons with intervals.
+
+Reads each run's ``eval/<domain>.predictions.csv`` (:mod:`histotoken.reporting.comparisons`). A
+sentence that says one side is better than the other appears only when the 95% interval of the
+difference excludes zero; otherwise the text says the difference is not resolved at this sample size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from histotoken.reporting import comparisons
+from histotoken.reporting import statistics as st
+from histotoken.reporting.blocks import Details, Heading, Note, Paragraph, Table
+from histotoken.reporting.formatting import MISSING, format_number
+from histotoken.reporting.sections.context import ReportSection, SectionContext
+from histotoken.reporting.tables import METRIC_LABELS
+
+HEADLINE = "macro_f1"
+METRIC_ORDER = ("macro_f1", "balanced_accuracy", "accuracy")
+
+INTRO = (
+    "Three kinds of intervals, each 95% and each from resampling whole test patients (images of one "
+    "patient are correlated): (1) one run on one test domain: the evaluation's own patient bootstrap "
+    "(earlier sections); (2) across seeds or folds: the mean and standard deviation of the per-seed "
+    "values, and a pooled interval from a stratified bootstrap (patients resampled within each seed or "
+    "fold, each one's metric recomputed, then averaged); (3) paired comparisons of A and B on the same "
+    "test patients: the same resampled patients for both, so that what A and B share cancels; the "
+    "difference A - B, its interval and the share of resamples in which A is ahead. For accuracy on "
+    "the same images, McNemar's exact test on the images one side got right and the other wrong. "
+    "A sentence below says that one side is better only when the interval of the difference excludes 0."
+)
+UNRESOLVED = "not resolved at this sample size"
+
+
+def signed(value: float, digits: int = 3) -> str:
+    return MISSING if value is None or np.isnan(value) else f"{value:+.{digits}f}"
+
+
+def format_difference(difference: float, low: float, high: float) -> str:
+    """``+0.031 [-0.012, +0.071]``."""
+    if np.isnan(difference):
+        return MISSING
+    return f"{signed(difference)} [{signed(low)}, {signed(high)}]"
+
+
+def claim(a: str, b: str, metric: str, row: dict, where: str) -> str:
+    """One sentence on A - B: a direction only when the interval excludes 0."""
+    label = METRIC_LABELS.get(metric, metric)
+    numbers = f"{label} {signed(row['difference'])}, 95% interval {signed(row['low'])} to {signed(row['high'])}"
+    if st.is_resolved(row["low"], row["high"]):
+        better, worse = (a, b) if row["difference"] > 0 else (b, a)
+        return f"{better} is better than {worse} {where} ({numbers})."
+    return f"{where[0].upper() + where[1:]}, the difference between {a} and {b} is {UNRESOLVED} ({numbers})."
+
+
+def build(context: SectionContext) -> list:
+    study = context.study
+    protocol = (study.spec or {}).get("protocol") or {}
+    n_resamples = int(protocol.get("bootstrap") or st.DEFAULT_RESAMPLES)
+    data = comparisons.StudyPredictions(study, n_resamples=max(n_resamples, 200))
+    blocks: list = [Paragraph(INTRO)]
+    if not any(data.folds(*key, test) for key in data.runs for test in set(study.summary["test_domain"])):
+        return blocks + [Note(
+            "No run folder holds per-image predictions (eval/<domain>.predictions.csv): paired comparisons "
+            "and pooled intervals need them. Re-run `histotoken evaluate` on the runs to write them."
+        )]
+    reference = reference_model(context)
+    for task in study.tasks:
+        context.task_heading(task, blocks)
+        blocks += _pooled_blocks(context, data, task)
+        blocks += _reference_blocks(context, data, task, reference)
+        blocks += _asymmetry_blocks(context, data, task)
+        blocks += _mixed_blocks(context, data, task)
+    return blocks
+
+
+def reference_model(context: SectionContext) -> str:
+    """The spec's ``reference_model:`` (a model label), or else the first model of the study."""
+    chosen = (context.study.spec or {}).get("reference_model")
+    models = context.study.models
+    return str(chosen) if chosen and str(chosen) in models else models[0]
+
+
+def _pooled_blocks(context: SectionContext, data, task: str) -> list:
+    blocks: list = [Heading("Across seeds and folds", level=context.sub_level)]
+    pooled = comparisons.pooled_table(data, task)
+    if pooled.empty:
+        return blocks + [Note("No predictions files for this task.")]
+    if int(pooled["n_seeds"].max()) < 2:
+        return blocks + [Note(
+            "One seed (or fold) per cell: the intervals in the tables above are each run's own patient "
+            "bootstrap; there is no spread over seeds to show."
+        )]
+    rows = pooled[pooled["metric"] == HEADLINE]
+    shown = pd.DataFrame({
+        "model": [context.label(m, task) for m in rows["model"]],
+        "train": rows["train_domain"], "test": rows["test_domain"],
+        "seeds": rows["n_seeds"].astype(str),
+        "mean macro-F1": [format_number(v, 3) for v in rows["mean"]],
+        "SD over seeds": [format_number(v, 3) for v in rows["sd"]],
+        "pooled 95% interval": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(rows["low"], rows["high"])],
+    })
+    blocks.append(Table(shown, "Mean and standard deviation (ddof=1) of the per-seed macro-F1, and the "
+                               "stratified-bootstrap interval of the mean (patients resampled within each "
+                               "seed/fold)."))
+    outside = (rows["mean"] < rows["low"]) | (rows["mean"] > rows["high"])
+    if outside.any():
+        blocks.append(Note(
+            f"{int(outside.sum())} interval(s) do not contain their mean: some class has a single test patient, "
+            "so whole classes drop out of resamples and macro-F1 falls in them. Read these intervals as a "
+            "lower bound on the uncertainty; more test patients per class fix it."
+        ))
+    return blocks
+
+
+def _reference_blocks(context: SectionContext, data, task: str, reference: str) -> list:
+    blocks: list = [Heading(f"Paired differences against {reference}", level=context.sub_level)]
+    table = comparisons.reference_differences(data, reference, task)
+    if table.empty:
+        return blocks + [Note(f"No other model shares test predictions with the reference model {reference}.")]
+    blocks.append(Paragraph(
+        f"Each cell is macro-F1 of the row's model minus that of {reference} (the reference model; set "
+        "`reference_model:` in the study file to choose another), on the same test images, with its 95% "
+        "paired-bootstrap interval. Positive: the model beats the reference."
+    ))
+    headline = table[table["metric"] == HEADLINE]
+    for model in dict.fromkeys(headline["model"]):
+        rows = headline[headline["model"] == model]
+        matrix = rows.pivot_table(index="train_domain", columns="test_domain", values="difference", aggfunc="first",
+                                  sort=False)
+        cells = {(r.train_domain, r.test_domain): format_difference(r.difference, r.low, r.high)
+                 for r in rows.itertuples()}
+        shown = pd.DataFrame({"trained on": list(matrix.index)})
+        for test_domain in matrix.columns:
+            shown[f"tested on {test_domain}"] = [cells.get((train, test_domain), MISSING) for train in matrix.index]
+        blocks.append(Table(shown, f"{context.label(model, task)} - {reference}: macro-F1 difference [95% interval]."))
+        blocks.append(Paragraph(" ".join(
+            claim(model, reference, HEADLINE, row, f"when trained on {row['train_domain']} and tested on "
+                                                   f"{row['test_domain']}")
+            for row in rows.to_dict("records")
+        )))
+    blocks.append(Details("All metrics, share of resamples ahead and McNemar's test",
+                          [Table(_detail_table(table, ["model", "train_domain", "test_domain"]))]))
+    return blocks
+
+
+def _asymmetry_blocks(context: SectionContext, data, task: str) -> list:
+    blocks: list = [Heading("Cross-magnification asymmetry, with intervals", level=context.sub_level)]
+    table = comparisons.asymmetry_differences(data, task)
+    if table.empty:
+        return blocks + [Note("Needs two single magnifications each used for training and for testing, with "
+                              "predictions files.")]
+    headline = table[table["metric"] == HEADLINE]
+    shown = pd.DataFrame({
+        "model": [context.label(m, task) for m in headline["model"]],
+        "A": [f"train {h} -> test {lo}" for lo, h in zip(headline["low_domain"], headline["high_domain"])],
+        "B": [f"train {lo} -> test {h}" for lo, h in zip(headline["low_domain"], headline["high_domain"])],
+        "F1 A": [format_number(v, 3) for v in headline["a"]],
+        "F1 B": [format_number(v, 3) for v in headline["b"]],
+        "A - B [95% interval]": [format_difference(d, lo, hi) for d, lo, hi in
+                                 zip(headline["difference"], headline["low"], headline["high"])],
+        "resamples A ahead": [f"{v:.0%}" for v in headline["share_a_better"]],
+    })
+    blocks.append(Table(shown, "Paired over the same test patients (their images at the two magnifications): "
+                               "positive means the model transfers better from the higher magnification down "
+                               "than from the lower one up."))
+    sentences = []
+    for row in headline.to_dict("records"):
+        a = f"train {row['high_domain']} -> test {row['low_domain']}"
+        b = f"train {row['low_domain']} -> test {row['high_domain']}"
+        sentences.append(claim(a, b, HEADLINE, row, f"for {row['model']}"))
+    return blocks + [Paragraph(" ".join(sentences))]
+
+
+def _mixed_blocks(context: SectionContext, data, task: str) -> list:
+    blocks: list = [Heading("Mixed-magnification training gain, with intervals", level=context.sub_level)]
+    table = comparisons.mixed_gain_differences(data, task)
+    if table.empty:
+        return blocks + [Note("Needs a mixed train domain (such as 100+400) and its single magnifications "
+                              "trained on alone, with predictions files.")]
+    headline = table[table["metric"] == HEADLINE]
+    shown = pd.DataFrame({
+        "model": [context.label(m, task) for m in headline["model"]],
+        "test": headline["test_domain"],
+        "F1 trained on mixed": [format_number(v, 3) for v in headline["a"]],
+        "F1 trained on test magnification": [format_number(v, 3) for v in headline["b"]],
+        "gain [95% interval]": [format_difference(d, lo, hi) for d, lo, hi in
+                                zip(headline["difference"], headline["low"], headline["high"])],
+        "resamples mixed ahead": [f"{v:.0%}" for v in headline["share_a_better"]],
+        "McNemar p (accuracy)": [format_number(v, 3) for v in
+                                 table[table["metric"] == "accuracy"]["mcnemar_p"]],
+    })
+    blocks.append(Table(shown, "Gain = macro-F1 of the run trained on the mixed domain minus that of the run "
+                               "trained on the test magnification alone (the in-domain specialist), on the "
+                               "same test images."))
+    sentences = [
+        claim(f"training on {row['mixed_domain']}", f"training on {row['test_domain']} alone", HEADLINE, row,
+              f"for {row['model']} tested on {row['test_domain']}")
+        for row in headline.to_dict("records")
+    ]
+    return blocks + [Paragraph(" ".join(sentences))]
+
+
+def _detail_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    order = {metric: rank for rank, metric in enumerate(METRIC_ORDER)}
+    rows = table.assign(rank=table["metric"].map(order)).sort_values([*keys, "rank"], kind="stable")
+    shown = pd.DataFrame({key.replace("_", " "): rows[key] for key in keys})
+    shown["metric"] = [METRIC_LABELS.get(m, m) for m in rows["metric"]]
+    shown["A - B [95% interval]"] = [format_difference(d, lo, hi) for d, lo, hi in
+                                     zip(rows["difference"], rows["low"], rows["high"])]
+    shown["resamples A ahead"] = [f"{v:.0%}" for v in rows["share_a_better"]]
+    shown["McNemar p"] = [format_number(v, 3) for v in rows["mcnemar_p"]]
+    shown["seeds"] = rows["n_folds"].astype(str)
+    return shown.reset_index(drop=True)
+
+
+SECTION = ReportSection("statistics", "Statistics", build, needs_results=True)
