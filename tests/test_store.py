@@ -135,3 +135,30 @@ def test_temporary_file_of_a_dead_builder_is_removed_on_the_next_build(frame, tm
     os.utime(stale, (0, 0))  # days old
     ImageStore.build(frame, 24, cache_dir=tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def _build_in_child(frame, cache_dir) -> int:
+    """Build the store in a child process; return how many images this process decoded."""
+    calls = []
+    original = store_module.decode_resized
+
+    def slow_counting(key, img_size):
+        calls.append(key)
+        time.sleep(0.01)
+        return original(key, img_size)
+
+    store_module.decode_resized = slow_counting
+    ImageStore.build(frame, 24, cache_dir=cache_dir)
+    return len(calls)
+
+
+def test_two_processes_building_one_store_leave_one_whole_store(frame, tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        decoded = list(pool.map(_build_in_child, [frame, frame], [tmp_path, tmp_path]))
+    assert sorted(decoded) == [0, len(frame)]  # one process decoded, the other opened its result
+    store = ImageStore.build(frame, 24, cache_dir=tmp_path)
+    assert torch.equal(store.images, torch.stack([load_image(path, 24) for path in frame["path"]]))
+    assert len(list(tmp_path.glob("*.npy"))) == 1 and not list(tmp_path.glob(".*.tmp"))
