@@ -109,7 +109,7 @@ def write_slide_set(root: Path) -> dict[str, Path]:
     (root / "annotations").mkdir(exist_ok=True)
     (root / "geojson").mkdir(exist_ok=True)
     tumour = write_slide(root / "slides" / f"{TUMOR_SLIDE}.tif", slide_shapes(True), SIZE, MPP, levels=4)
-    normal = write_slide(root / "slides" / f"{NORMAL_SLIDE}.tif", slide_shapes(False), SIZE, MPP, levels=4, seed=1)
+    normal = write_slide(root / "slides" / f"{NORMAL_SLIDE}.tif", slide_shapes(False), SIZE, MPP, levels=4)
     write_asap_xml(root / "annotations" / f"{TUMOR_SLIDE}.xml")
     write_geojson(root / "geojson" / f"{TUMOR_SLIDE}.geojson")
     (root / "labels.csv").write_text(f"slide,label\n{TUMOR_SLIDE}.tif,Tumor\n{NORMAL_SLIDE}.tif,Normal\n")

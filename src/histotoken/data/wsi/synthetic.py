@@ -16,6 +16,9 @@ from typing import Literal
 
 import numpy as np
 
+# Texture: a fixed random pattern in [-1, 1], tiled over every level (cheap to look up for a 40,000 px slide).
+_PATTERN = np.random.default_rng(1234).uniform(-1.0, 1.0, size=(257, 263)).astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -29,16 +32,20 @@ class Shape:
     noise: float = 8.0  # amplitude of the per-pixel texture (keeps Otsu honest; 0 gives flat colour)
 
 
-def render(shapes: Sequence[Shape], x0: float, y0: float, width: int, height: int, downsample: float,
-           seed: int = 0) -> np.ndarray:
+def render(shapes: Sequence[Shape], x0: float, y0: float, width: int, height: int, downsample: float) -> np.ndarray:
     """RGB uint8 (height, width, 3) of the region whose top-left is level-0 (x0, y0), one pixel per
     ``downsample`` level-0 pixels; a pixel takes the colour of the last shape covering its centre."""
     xs = x0 + (np.arange(width) + 0.5) * downsample  # level-0 pixel centres, (W,)
     ys = y0 + (np.arange(height) + 0.5) * downsample  # (H,)
     image = np.full((height, width, 3), 255, dtype=np.uint8)
-    rng = np.random.default_rng([seed, int(x0), int(y0), int(downsample * 1000)])
+    texture = None  # (H, W) in [-1, 1]: a fixed pattern tiled over the level's pixels, made when first needed
+    x_end, y_end = x0 + width * downsample, y0 + height * downsample
     for shape in shapes:
         ax, ay, bx, by = shape.box
+        margin = shape.width / 2
+        if (max(ax, bx) + margin < x0 or min(ax, bx) - margin > x_end
+                or max(ay, by) + margin < y0 or min(ay, by) - margin > y_end):
+            continue  # the shape's bounding box misses the region (most tiles of a large slide)
         if shape.kind == "rect":
             inside = ((ys >= ay) & (ys < by))[:, None] & ((xs >= ax) & (xs < bx))[None, :]
         elif shape.kind == "ellipse":
@@ -52,20 +59,25 @@ def render(shapes: Sequence[Shape], x0: float, y0: float, width: int, height: in
             inside = distance <= shape.width / 2
         if not inside.any():
             continue
-        colour = np.asarray(shape.color, dtype=np.int16)
-        count = int(inside.sum())
-        texture = rng.integers(-int(shape.noise), int(shape.noise) + 1, size=(count, 1)) if shape.noise else 0
-        image[inside] = np.clip(colour + texture, 0, 255).astype(np.uint8)
+        colour = np.asarray(shape.color, dtype=np.float32)
+        if shape.noise:
+            if texture is None:
+                rows = (np.arange(height) + int(round(y0 / downsample))) % _PATTERN.shape[0]
+                columns = (np.arange(width) + int(round(x0 / downsample))) % _PATTERN.shape[1]
+                texture = _PATTERN[np.ix_(rows, columns)]
+            pixels = colour[None, :] + shape.noise * texture[inside][:, None]  # (count, 3), same shift per channel
+        else:
+            pixels = np.broadcast_to(colour, (int(inside.sum()), 3))
+        image[inside] = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
     return image
 
 
-def _tiles(shapes: Sequence[Shape], width: int, height: int, downsample: float, tile: int,
-           seed: int) -> Iterator[np.ndarray]:
+def _tiles(shapes: Sequence[Shape], width: int, height: int, downsample: float, tile: int) -> Iterator[np.ndarray]:
     for top in range(0, height, tile):
         for left in range(0, width, tile):
             block = np.full((tile, tile, 3), 255, dtype=np.uint8)
             h, w = min(tile, height - top), min(tile, width - left)
-            block[:h, :w] = render(shapes, left * downsample, top * downsample, w, h, downsample, seed)
+            block[:h, :w] = render(shapes, left * downsample, top * downsample, w, h, downsample)
             yield block
 
 
@@ -77,7 +89,7 @@ def write_slide(
     levels: int | None = None,
     tile: int = 256,
     compression: str | None = "zlib",
-    seed: int = 0,
+    compression_level: int = 1,
     objective_power: float | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF of level-0 ``size`` (width, height) at ``mpp`` microns per pixel.
@@ -101,12 +113,13 @@ def write_slide(
             downsample = 2**level
             w, h = max(1, width // downsample), max(1, height // downsample)
             writer.write(
-                _tiles(shapes, w, h, downsample, tile, seed),
+                _tiles(shapes, w, h, downsample, tile),
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 photometric="rgb",
                 compression=compression,
+                compressionargs={"level": compression_level} if compression == "zlib" else None,
                 resolution=(pixels_per_cm / downsample, pixels_per_cm / downsample),
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if level else 0,

@@ -73,11 +73,14 @@ class TissueMask:
         return inside / area
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels of blue, green or black pen ink in an RGB uint8 image (h, w, 3) -> (h, w) bool."""
+def pen_mask(rgb: np.ndarray, hsv: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of blue, green or black pen ink in an RGB uint8 image (h, w, 3) -> (h, w) bool.
+
+    ``hsv`` is the image in HSV (scikit-image's ``rgb2hsv``) when the caller has it already.
+    """
     from skimage.color import rgb2hsv
 
-    hsv = rgb2hsv(rgb)  # (h, w, 3), each channel in [0, 1]
+    hsv = rgb2hsv(rgb) if hsv is None else hsv  # (h, w, 3), each channel in [0, 1]
     hue_degrees = hsv[..., 0] * 360.0
     coloured_ink = (hue_degrees >= PEN_HUE_RANGE[0]) & (hue_degrees < PEN_HUE_RANGE[1])
     coloured_ink &= hsv[..., 1] > PEN_MIN_SATURATION
@@ -91,8 +94,9 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     from skimage.filters import threshold_otsu
     from skimage.morphology import closing, dilation, disk, remove_small_holes, remove_small_objects
 
-    saturation = rgb2hsv(rgb)[..., 1]  # (h, w) in [0, 1]
-    pen = pen_mask(rgb)
+    hsv = rgb2hsv(rgb)  # (h, w, 3) in [0, 1]; the slowest step, done once
+    saturation = hsv[..., 1]
+    pen = pen_mask(rgb, hsv)
     pen_radius = max(int(round(PEN_DILATION_UM / mpp)), 1)
     pen = dilation(pen, disk(radius=pen_radius)) if pen.any() else pen
     candidates = saturation[~pen]
