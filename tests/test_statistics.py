@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -178,3 +180,89 @@ def test_predictions_are_read_from_a_run_folder(tmp_path):
     assert list(predictions.patients) == ["14-1", "14-2"] and list(predictions.correct) == [True, False]
     assert st.num_classes_of(tmp_path / "eval" / "100.predictions.csv") == 2
     assert st.read_predictions(tmp_path, "400") is None
+
+
+# --------------------------------------------------------------------------- the report's Statistics section
+
+
+@pytest.fixture(scope="module")
+def two_seed_study(tmp_path_factory):
+    import yaml
+
+    from tests.study_fixture import write_study
+
+    study = write_study(tmp_path_factory.mktemp("two_seeds"), seeds=(0, 1), with_images=False)
+    spec = yaml.safe_load((study / "spec.yaml").read_text())
+    spec["protocol"]["bootstrap"] = 200  # resamples per comparison: enough for the checks, quick
+    spec["reference_model"] = "deit_small_patch16_224"
+    (study / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return study
+
+
+def statistics_markdown(study) -> str:
+    from histotoken.reporting.blocks import Section
+    from histotoken.reporting.render import render_markdown
+    from histotoken.reporting.sections import SectionContext
+    from histotoken.reporting.sections import statistics as section
+    from histotoken.reporting.study import load_study
+
+    blocks = section.build(SectionContext(load_study(study)))
+    return render_markdown("t", [Section("statistics", "Statistics", blocks)], None)
+
+
+@pytest.fixture(scope="module")
+def two_seed_markdown(two_seed_study):
+    return statistics_markdown(two_seed_study)
+
+
+def test_every_claim_in_the_statistics_text_has_an_interval_excluding_zero(two_seed_markdown):
+    number = r"([+-]\d\.\d+)"
+    pattern = rf"\((?:macro-F1) {number}, 95% interval {number} to {number}\)"
+    claims = re.findall(rf"is better than [^()]*{pattern}", two_seed_markdown)
+    unresolved = re.findall(rf"not resolved at this sample size {pattern}", two_seed_markdown)
+    assert claims and unresolved  # the fixture has both kinds
+    for _, low, high in claims:
+        assert float(low) > 0 or float(high) < 0
+    for _, low, high in unresolved:
+        assert float(low) <= 0 <= float(high)
+
+
+def test_asymmetry_row_pairs_train_400_test_100_with_train_100_test_400(two_seed_study, two_seed_markdown):
+    results = pd.read_csv(two_seed_study / "results.csv", dtype={"train_domain": str, "test_domain": str})
+    f1 = results[(results["model"] == "resnet18") & (results["metric"] == "macro_f1")]
+    mean = f1.groupby(["train_domain", "test_domain"])["value"].mean()
+    row = next(line for line in two_seed_markdown.splitlines()
+               if line.startswith("| resnet18 | train 400 -> test 100 | train 100 -> test 400 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[3]) == pytest.approx(mean[("400", "100")], abs=5e-4)
+    assert float(cells[4]) == pytest.approx(mean[("100", "400")], abs=5e-4)
+    difference, low, high = (float(x) for x in re.findall(r"[+-]\d\.\d+", cells[5]))
+    assert difference == pytest.approx(mean[("400", "100")] - mean[("100", "400")], abs=1e-3)
+    assert low <= difference <= high
+
+
+def test_the_spec_s_reference_model_is_the_one_compared_against(two_seed_markdown):
+    assert "### Paired differences against deit_small_patch16_224" in two_seed_markdown
+    assert "*resnet18 - deit_small_patch16_224: macro-F1 difference [95% interval].*" in two_seed_markdown
+
+
+def test_several_seeds_show_mean_sd_and_a_pooled_interval_not_averaged_bounds(two_seed_study, two_seed_markdown):
+    from histotoken.reporting import tables
+
+    results = tables.read_results(two_seed_study / "results.csv")
+    summary = tables.mean_over_seeds(results)
+    assert summary["ci_low"].isna().all() and (summary["n_seeds"] == 2).all()
+    in_domain = summary[(summary["model"] == "resnet18") & (summary["train_domain"] == "100")
+                        & (summary["test_domain"] == "100") & (summary["metric"] == "macro_f1")].iloc[0]
+    values = results[(results["model"] == "resnet18") & (results["train_domain"] == "100")
+                     & (results["test_domain"] == "100") & (results["metric"] == "macro_f1")]["value"]
+    assert in_domain["sd"] == pytest.approx(np.std(values, ddof=1))
+    row = next(line for line in two_seed_markdown.splitlines() if line.startswith("| resnet18 | 100 | 100 | 2 |"))
+    assert f"| {np.mean(values):.3f} | {np.std(values, ddof=1):.3f} |" in row
+
+
+def test_a_study_without_predictions_files_gets_a_note(tmp_path):
+    from tests.study_fixture import write_study
+
+    study = write_study(tmp_path, with_predictions=False, with_images=False)
+    assert "No run folder holds per-image predictions" in statistics_markdown(study)
