@@ -34,22 +34,24 @@ def as_tokens(x: torch.Tensor, grid_size: tuple[int, int] | None) -> tuple[torch
     """Return ``x`` as tokens (B, N, C) and the grid (H, W) they come from.
 
     ``x`` is either a feature map (B, C, H, W) or tokens (B, N, C); tokens need ``grid_size`` unless
-    N is a perfect square.
+    N is a perfect square. Written so that TorchScript compiles it (shapes indexed one by one,
+    messages without ``tuple(shape)``).
     """
-    if x.ndim == 4:
-        height, width = x.shape[-2:]
+    if x.dim() == 4:
+        height, width = int(x.shape[2]), int(x.shape[3])
         return x.flatten(2).transpose(1, 2), (height, width)  # (B, C, H, W) -> (B, N, C)
-    if x.ndim != 3:
-        raise ValueError(f"expected tokens (B, N, C) or a feature map (B, C, H, W), got shape {tuple(x.shape)}")
-    num_positions = x.shape[1]
+    if x.dim() != 3:
+        raise ValueError(f"expected tokens (B, N, C) or a feature map (B, C, H, W), got shape {list(x.shape)}")
+    num_positions = int(x.shape[1])
     if grid_size is None:
         side = int(round(num_positions**0.5))
         if side * side != num_positions:
             raise ValueError(f"{num_positions} tokens are not a square grid; pass grid_size=(H, W)")
-        grid_size = (side, side)
-    if grid_size[0] * grid_size[1] != num_positions:
-        raise ValueError(f"grid_size {tuple(grid_size)} does not match {num_positions} tokens")
-    return x, (int(grid_size[0]), int(grid_size[1]))
+        return x, (side, side)
+    height, width = int(grid_size[0]), int(grid_size[1])
+    if height * width != num_positions:
+        raise ValueError(f"grid_size ({height}, {width}) does not match {num_positions} tokens")
+    return x, (height, width)
 
 
 class TokenLearner(nn.Module):

@@ -25,7 +25,7 @@ import torch
 def gumbel_noise_like(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel(0, 1) noise of the scores' shape: ``-log(-log(U))``, U ~ Uniform(0, 1)."""
     uniform = torch.rand(scores.shape, device=scores.device, dtype=torch.float32, generator=generator)
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, spelt out for TorchScript
     exponential = -torch.log(uniform.clamp_min(tiny))  # Exp(1) sample, > 0
     return -torch.log(exponential.clamp_min(tiny))
 
@@ -67,8 +67,8 @@ def select_topk_tokens(
     num_tokens = tokens.shape[1]
     if not 1 <= k <= num_tokens:
         raise ValueError(f"k={k} tokens to keep must be between 1 and the number of tokens {num_tokens}")
-    if scores.shape != tokens.shape[:2]:
-        raise ValueError(f"scores {tuple(scores.shape)} must be (B, N) = {tuple(tokens.shape[:2])}")
+    if scores.shape[0] != tokens.shape[0] or scores.shape[1] != tokens.shape[1]:
+        raise ValueError(f"scores {list(scores.shape)} must be (B, N) = {list(tokens.shape[:2])}")
     keep_prob = scores.float().sigmoid()  # (B, N)
     with torch.no_grad():
         ranking = scores.float()

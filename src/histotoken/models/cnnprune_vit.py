@@ -64,7 +64,7 @@ KEEP_RATIO_RANGE = (0.2, 1.0)
 
 def resize_to_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, gh, gw): area-average when shrinking, bilinear when growing."""
-    if tuple(features.shape[-2:]) == tuple(grid_size):
+    if features.shape[-2] == grid_size[0] and features.shape[-1] == grid_size[1]:
         return features
     if features.shape[-2] >= grid_size[0] and features.shape[-1] >= grid_size[1]:
         return F.adaptive_avg_pool2d(features, grid_size)
@@ -90,7 +90,7 @@ class PatchScorer(nn.Module):
         pretrained_file: str | None = None,
     ) -> None:
         super().__init__()
-        self.grid_size = tuple(grid_size)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.img_size = max(32, int(round(img_size * scale)))
         self.backbone = create_donor(
             "resnet18",
@@ -262,11 +262,19 @@ class CNNPruneViT(nn.Module):
         x = torch.cat([cls.expand(batch, -1, -1), selected], dim=1)  # (B, k + 1, D)
         x = self.blocks(x)
         x = self.norm(x)
-
-        self._outputs = {"scorer_logits": scorer_logits, "keep_prob": keep_prob}
-        self.tokens_per_block = [int(x.shape[1])] * len(self.blocks)
-        self.token_info = {"kept_indices": kept_indices.detach(), "scores": scores.detach()}
+        if not torch.jit.is_scripting():
+            self._record(scorer_logits, keep_prob, kept_indices, scores, int(x.shape[1]))
         return x
+
+    @torch.jit.unused
+    def _record(
+        self, scorer_logits: torch.Tensor, keep_prob: torch.Tensor, kept_indices: torch.Tensor,
+        scores: torch.Tensor, num_tokens: int,
+    ) -> None:
+        """Keep what ``compute_loss`` and the reports need from this pass (eager only: TorchScript skips this)."""
+        self._outputs = {"scorer_logits": scorer_logits, "keep_prob": keep_prob}
+        self.tokens_per_block = [num_tokens] * len(self.blocks)
+        self.token_info = {"kept_indices": kept_indices.detach(), "scores": scores.detach()}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]  # class token
@@ -346,8 +354,9 @@ def _create_cnnprune_vit(
 
 default_cfgs = generate_default_cfgs(
     {
-        "cnnprune_vit_small.untrained": model_cfg("patch_embed.proj", license="apache-2.0"),
-        "cnnprune_vit_tiny.untrained": model_cfg("patch_embed.proj", license="apache-2.0"),
+        # fixed: the ViT's patch grid and position embeddings are built for img_size (build another size with img_size=)
+        "cnnprune_vit_small.untrained": model_cfg("patch_embed.proj", fixed_input_size=True, license="apache-2.0"),
+        "cnnprune_vit_tiny.untrained": model_cfg("patch_embed.proj", fixed_input_size=True, license="apache-2.0"),
     }
 )
 

@@ -192,13 +192,20 @@ class TokenLearnerViT(nn.Module):
             self.global_pool = global_pool
         self.head = make_head(self.embed_dim, num_classes, like=self.cls_token)
 
-    def _learn_tokens(self, x: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace the N patch tokens by S learned ones; return (1 + S tokens, the N patch tokens)."""
+    def _learn_tokens(
+        self, x: torch.Tensor, grid_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replace the N patch tokens by S learned ones: (1 + S tokens, the N patch tokens, (B, S, H, W) maps)."""
         cls_token, patches = x[:, :1], x[:, 1:]  # (B, 1 + N, C) -> (B, 1, C), (B, N, C)
         learned, weights = self.token_learner(patches, grid_size)  # -> (B, S, C), (B, S, N)
-        maps = weights.detach().reshape(weights.shape[0], weights.shape[1], *grid_size)  # (B, S, N) -> (B, S, H, W)
+        maps = weights.detach().unflatten(2, grid_size)  # (B, S, N) -> (B, S, H, W)
+        return torch.cat([cls_token, learned], dim=1), patches, maps  # (B, 1 + S, C)
+
+    @torch.jit.unused
+    def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
+        """Keep the token counts and attention maps of this pass (eager only: TorchScript skips this)."""
+        self.tokens_per_block = tokens_per_block
         self.token_info = {"attention_maps": maps}
-        return torch.cat([cls_token, learned], dim=1), patches  # (B, 1 + S, C)
 
     def _fuse_tokens(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Map the S learned tokens back onto the N positions (residual on the learner's input)."""
@@ -211,18 +218,20 @@ class TokenLearnerViT(nn.Module):
         grid_size = self.patch_embed.grid_size
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, C) -> (B, 1 + N, C)
         x = self.pos_drop(x + self.pos_embed)
-        tokens_per_block = []
+        tokens_per_block: list[int] = []
         patches = x[:, 1:]  # replaced by the learner's input patch tokens below
+        maps = x.new_zeros(0)  # replaced by the learner's attention maps below
         for index, block in enumerate(self.blocks):
             if index == self.learner_after:
-                x, patches = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
+                x, patches, maps = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
             x = block(x)
-            tokens_per_block.append(x.shape[1])
+            tokens_per_block.append(int(x.shape[1]))
         if self.learner_after == len(self.blocks):
-            x, patches = self._learn_tokens(x, grid_size)
+            x, patches, maps = self._learn_tokens(x, grid_size)
         if self.token_fuser is not None:
             x = self._fuse_tokens(x, patches)  # (B, 1 + S, C) -> (B, 1 + N, C)
-        self.tokens_per_block = tokens_per_block
+        if not torch.jit.is_scripting():
+            self._record(tokens_per_block, maps)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

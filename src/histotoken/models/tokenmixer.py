@@ -163,13 +163,19 @@ class TokenMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(self.stem(x))  # (B, 3, H_img, W_img) -> (B, C, H, W)
-        batch, _, height, width = x.shape
+        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
         learned, weights = self.token_learner(x)  # (B, C, H, W) -> (B, S, C), (B, S, N)
-        self.token_info = {"attention_maps": weights.detach().reshape(batch, -1, height, width)}  # (B, S, H, W)
         x = torch.cat([self.cls_token.expand(batch, -1, -1), learned], dim=1)  # (B, S, C) -> (B, 1 + S, C)
         x = self.blocks(x + self.slot_embed)
-        self.tokens_per_block = [x.shape[1]] * len(self.blocks)
+        if not torch.jit.is_scripting():
+            self._record([int(x.shape[1])] * len(self.blocks), weights.detach().unflatten(2, (height, width)))
         return self.norm(x)
+
+    @torch.jit.unused
+    def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
+        """Keep the token counts and (B, S, H, W) attention maps of this pass (eager only: TorchScript skips this)."""
+        self.tokens_per_block = tokens_per_block
+        self.token_info = {"attention_maps": maps}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))  # (B, 1 + S, C) -> (B, C)
