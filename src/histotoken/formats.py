@@ -56,6 +56,7 @@ PREDICT_ERROR_COLUMN = "error"
 
 # histotoken export: RUN_DIR/export/<format>/ holds the exported model and EXPORT_MANIFEST (classes,
 # normalisation, input size, the run it came from and the parity check against PyTorch).
+EXPORT_FORMATS = ("onnx", "torchscript", "timm")
 EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export.json"
 ONNX_FILE = "model.onnx"

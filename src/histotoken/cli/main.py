@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["synth", "index", "split", "tile", "train", "evaluate", "benchmark", "grid", "report", "explain", "demo"]
+COMMANDS = ["synth", "index", "split", "tile", "train", "evaluate", "predict", "export", "benchmark", "grid", "report", "explain", "demo"]
 
 DESCRIPTION = """\
 histotoken trains, evaluates and compares image classifiers (CNNs, ViTs, MLP-Mixers and
