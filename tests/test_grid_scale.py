@@ -186,3 +186,21 @@ def test_submitit_local_jobs_run_two_at_a_time_and_collect_rebuilds_the_tables(s
     assert list(outcome.runs["status"]) == ["finished", "finished"]
     results = pd.read_csv(study / "results.csv", dtype={"test_domain": str})
     assert len(results[results["test_domain"] == "100"]) == 2 * 4  # runs x metrics
+
+
+def test_report_rebuilds_the_study_tables_from_the_run_folders(tmp_path, monkeypatch):
+    import histotoken.reporting
+    from histotoken.cli.main import main
+    from tests.study_fixture import write_study
+
+    study = write_study(tmp_path, with_images=False)
+    before = pd.read_csv(study / "results.csv").sort_values(["run_id", "test_domain", "metric"], ignore_index=True)
+    (study / "results.csv").unlink()
+    (study / "runs.csv").unlink()
+    monkeypatch.setattr(histotoken.reporting, "build_report", lambda study_dir, out=None: study / "report.html")
+    assert main(["report", str(study)]) == 0
+    after = pd.read_csv(study / "results.csv").sort_values(["run_id", "test_domain", "metric"], ignore_index=True)
+    pd.testing.assert_frame_equal(after, before, check_dtype=False)
+    runs = pd.read_csv(study / "runs.csv", keep_default_na=False)
+    assert runs["status"].value_counts().to_dict() == {"finished": 8, "failed": 1}
+    assert "loss is NaN" in runs.loc[runs["status"] == "failed", "error"].item()

@@ -232,6 +232,10 @@ def _train_and_evaluate(spec: StudySpec, study_dir: Path, run: PlannedRun, split
         for domain in spec.test_domains:
             if not paths.eval_file(domain).is_file():
                 evaluate_run(paths.root, domain, n_bootstrap=config.bootstrap)
+        if spec.explain:
+            from histotoken.explain.run import explain_after_evaluation
+
+            explain_after_evaluation(paths.root, spec.explain, default_domain=run.train_domain)
         _record_error(paths, None)
         return None
     except Exception as error:  # one failing run must not stop the study
@@ -320,6 +324,19 @@ def collect_study(spec: StudySpec, study_dir: str | Path, build_report: bool = T
 
         report = make_report(study_dir)
     return GridOutcome(study_dir, records, results_csv, report)
+
+
+def collect_tables(study_dir: str | Path) -> pd.DataFrame:
+    """Rebuild runs.csv and results.csv of a study folder from its run folders and its own spec.yaml
+    (what ``histotoken report`` does first); returns the runs table."""
+    from histotoken.experiments.spec import spec_from_dict
+
+    paths = StudyPaths(Path(study_dir))
+    if not paths.spec.is_file():
+        raise FileNotFoundError(f"{study_dir} has no {formats.SPEC_FILE}: it was not written by `histotoken grid`")
+    raw = yaml.safe_load(paths.spec.read_text(encoding="utf-8"))
+    spec = spec_from_dict(raw, str(paths.spec))
+    return collect_study(spec, paths.root, build_report=False, efficiency=False).runs
 
 
 def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = None) -> Path | None:
