@@ -9,61 +9,90 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from histotoken.reporting.plots import DPI, new_figure
 
 OVERLAY_ALPHA = 0.5
-CELL_IN = 1.25
+CELL_IN = 1.25  # inches per image cell
+GREY = 225
 
 
-def _grid_figure(width: float, height: float) -> Figure:
-    """A figure for many small image axes: a fixed layout (constrained layout is slow with dozens of axes)."""
-    figure = Figure(figsize=(width, height), dpi=DPI)
+def overlay(image: np.ndarray, saliency: np.ndarray | None, cmap: str = "jet") -> np.ndarray:
+    """uint8 (H, W, 3) image blended with a (H, W) map on its own scale (lowest blue, highest red for jet)."""
+    if saliency is None:
+        return image
+    low, high = float(saliency.min()), float(saliency.max())
+    shown = (saliency - low) / (high - low) if high > low else np.zeros_like(saliency, dtype=float)
+    colours = colormaps[cmap](shown)[..., :3] * 255.0
+    return (image * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).astype(np.uint8)
+
+
+def mosaic_figure(
+    tiles: Sequence[Sequence[np.ndarray | None]],
+    captions: Sequence[Sequence[str]] | None = None,
+    column_titles: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    title: str = "",
+) -> Figure:
+    """A grid of equally sized image tiles drawn as one image (fast), with captions above the tiles.
+
+    ``tiles[row][column]`` is a uint8 (H, W, 3) array or None (a grey "none" cell).
+    """
+    rows, columns = len(tiles), max(len(row) for row in tiles)
+    size = next(tile.shape[:2] for row in tiles for tile in row if tile is not None)
+    height, width = size
+    caption_lines = max((c.count("\n") + 1 for row in (captions or []) for c in row if c), default=0)
+    gap_x = max(2, width // 16)
+    gap_y = gap_x + int(round(height * 0.16 * caption_lines))  # room for the caption above each tile
+    top = int(round(height * 0.25)) if column_titles else 0
+    mosaic = np.full((top + rows * (height + gap_y), columns * (width + gap_x), 3), 255, dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            y, x = top + r * (height + gap_y) + gap_y, c * (width + gap_x)
+            mosaic[y:y + height, x:x + width] = GREY if tile is None else tile[:height, :width]
+    label_in = 1.4 if row_labels else 0.1
+    figure_width = CELL_IN * columns * (width + gap_x) / width + label_in
+    figure_height = CELL_IN * mosaic.shape[0] / width + (0.35 if title else 0.05)
+    figure = Figure(figsize=(figure_width, figure_height), dpi=DPI)
     FigureCanvasAgg(figure)
+    ax = figure.add_axes((label_in / figure_width, 0.0, 1 - label_in / figure_width - 0.005,
+                          1 - (0.35 if title else 0.05) / figure_height))
+    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+    ax.set_axis_off()
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            y, x = top + r * (height + gap_y) + gap_y, c * (width + gap_x)
+            if tile is None:
+                ax.text(x + width / 2, y + height / 2, "none", ha="center", va="center", fontsize=6, color="#777777")
+            if captions and captions[r][c]:
+                ax.text(x + width / 2, y - 1, captions[r][c], ha="center", va="bottom", fontsize=5.5)
+    for c, name in enumerate(column_titles):
+        ax.text(c * (width + gap_x) + width / 2, top / 2, name, ha="center", va="center", fontsize=8,
+                fontweight="bold")
+    for r, name in enumerate(row_labels):
+        ax.text(-gap_x, top + r * (height + gap_y) + gap_y + height / 2, name, ha="right", va="center", fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9, y=1 - 0.08 / figure_height, va="top")
     return figure
-
-
-def _show_overlay(ax, image: np.ndarray, saliency: np.ndarray | None, cmap: str = "jet") -> None:
-    """The image, and over it the map on its own colour scale: lowest value blue, highest red."""
-    height, width = image.shape[:2]
-    ax.imshow(image, extent=(0, width, height, 0))
-    if saliency is not None:
-        low, high = float(saliency.min()), float(saliency.max())
-        shown = (saliency - low) / (high - low) if high > low else np.zeros_like(saliency)
-        ax.imshow(shown, cmap=cmap, alpha=OVERLAY_ALPHA, vmin=0, vmax=1, extent=(0, width, height, 0),
-                  interpolation="bilinear")
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def per_image_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], captions: Sequence[str],
                      groups_per_row: int = 2) -> Figure:
-    """Each image, then one overlay per method, ``groups_per_row`` images side by side; captions say true/predicted."""
+    """Each image then one overlay per method, ``groups_per_row`` images side by side; captions say true/predicted."""
     methods = list(maps)
-    panels = 1 + len(methods)
-    rows = int(np.ceil(len(images) / groups_per_row))
-    columns = panels * groups_per_row
-    figure = _grid_figure(CELL_IN * columns + 1.2 * groups_per_row, (CELL_IN + 0.35) * rows + 0.5)
-    axes = np.atleast_2d(figure.subplots(rows, columns, squeeze=False))
-    figure.subplots_adjust(left=0.02, right=0.99, top=1 - 0.4 / figure.get_figheight(), bottom=0.02,
-                           wspace=0.05, hspace=0.45)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for index, image in enumerate(images):
-        row, group = divmod(index, groups_per_row)
-        first = axes[row, group * panels]
-        first.set_axis_on()
-        _show_overlay(first, image, None)
-        first.set_title(captions[index], fontsize=6)
-        for offset, method in enumerate(methods, start=1):
-            ax = axes[row, group * panels + offset]
-            ax.set_axis_on()
-            _show_overlay(ax, image, maps[method][index])
-            if index < groups_per_row:
-                ax.set_title(method, fontsize=8, fontweight="bold")
-    return figure
+    tiles, texts = [], []
+    for start in range(0, len(images), groups_per_row):
+        row_tiles, row_texts = [], []
+        for index in range(start, min(start + groups_per_row, len(images))):
+            row_tiles += [images[index]] + [overlay(images[index], maps[m][index]) for m in methods]
+            row_texts += [captions[index]] + [""] * len(methods)
+        tiles.append(row_tiles)
+        texts.append(row_texts + [""] * (len(tiles[0]) - len(row_texts)))
+    titles = (["image", *methods] * groups_per_row)[: len(tiles[0])]
+    return mosaic_figure(tiles, texts, titles, title="Explained test images: image, then each method's map")
 
 
 def outcome_grid_figure(
@@ -73,90 +102,56 @@ def outcome_grid_figure(
     method: str,
 ) -> Figure:
     """Rows are classes, columns outcomes (TP/FP/FN); each cell the most confident such image with its map."""
-    figure = _grid_figure(CELL_IN * len(outcomes) + 1.6, (CELL_IN + 0.2) * len(classes) + 0.7)
-    axes = np.atleast_2d(figure.subplots(len(classes), len(outcomes), squeeze=False))
-    figure.subplots_adjust(left=0.3, right=0.98, top=1 - 0.55 / figure.get_figheight(), bottom=0.03, hspace=0.35)
-    for row, name in enumerate(classes):
-        for column, outcome in enumerate(outcomes):
-            ax = axes[row, column]
+    tiles, texts = [], []
+    for name in classes:
+        row_tiles, row_texts = [], []
+        for outcome in outcomes:
             cell = cells.get((name, outcome))
-            if cell is None:
-                ax.set_facecolor("#eeeeee")
-                ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=7, color="#777777",
-                        transform=ax.transAxes)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            else:
-                image, saliency, caption = cell
-                _show_overlay(ax, image, saliency)
-                ax.set_xlabel(caption, fontsize=6)
-            if column == 0:
-                ax.set_ylabel(name.replace("_", " "), fontsize=7, rotation=0, ha="right", va="center")
-            if row == 0:
-                ax.set_title(outcome, fontsize=8)
-    figure.suptitle(f"{method}: most confident images per class and outcome", fontsize=9)
-    return figure
+            row_tiles.append(None if cell is None else overlay(cell[0], cell[1]))
+            row_texts.append("" if cell is None else cell[2])
+        tiles.append(row_tiles)
+        texts.append(row_texts)
+    if all(tile is None for row in tiles for tile in row):
+        raise ValueError("no image to show in the outcome grid")
+    return mosaic_figure(tiles, texts, list(outcomes), [n.replace("_", " ") for n in classes],
+                         title=f"{method}: most confident image per class and outcome")
 
 
 def token_maps_figure(images: np.ndarray, maps: np.ndarray, title: str) -> Figure:
     """One row per image: the image, then the S TokenLearner maps (each on its own colour scale)."""
-    rows, count = maps.shape[0], maps.shape[1]
-    figure = _grid_figure(CELL_IN * 0.8 * (count + 1) + 0.4, CELL_IN * 0.8 * rows + 0.7)
-    axes = np.atleast_2d(figure.subplots(rows, count + 1, squeeze=False))
-    figure.subplots_adjust(left=0.02, right=0.98, top=1 - 0.55 / figure.get_figheight(), bottom=0.02)
-    for row in range(rows):
-        _show_overlay(axes[row, 0], images[row], None)
-        for token in range(count):
-            _show_overlay(axes[row, token + 1], images[row], maps[row, token], cmap="magma")
-    axes[0, 0].set_title("image", fontsize=7)
-    for token in range(count):
-        axes[0, token + 1].set_title(f"token {token + 1}", fontsize=7)
-    figure.suptitle(title, fontsize=9)
-    return figure
+    count = maps.shape[1]
+    tiles = [[images[row]] + [overlay(images[row], maps[row, token], "magma") for token in range(count)]
+             for row in range(maps.shape[0])]
+    return mosaic_figure(tiles, None, ["image"] + [f"token {t + 1}" for t in range(count)], title=title)
 
 
 def kept_patches_figure(images: np.ndarray, importance: np.ndarray, kept: np.ndarray) -> Figure:
-    """One row per image: image, the scorer's importance map, and the image with the pruned patches greyed."""
-    rows = len(images)
-    figure = _grid_figure(CELL_IN * 3 + 0.4, (CELL_IN + 0.2) * rows + 0.5)
-    axes = np.atleast_2d(figure.subplots(rows, 3, squeeze=False))
-    figure.subplots_adjust(left=0.03, right=0.97, top=1 - 0.35 / figure.get_figheight(), bottom=0.03, hspace=0.3)
-    for row in range(rows):
-        image = images[row]
-        _show_overlay(axes[row, 0], image, None)
-        _show_overlay(axes[row, 1], image, importance[row])
-        cell_h, cell_w = image.shape[0] / kept.shape[1], image.shape[1] / kept.shape[2]
-        mask = np.kron(kept[row].astype(float), np.ones((int(np.ceil(cell_h)), int(np.ceil(cell_w)))))
-        mask = mask[: image.shape[0], : image.shape[1], None]
-        _show_overlay(axes[row, 2], (image * (0.25 + 0.75 * mask)).astype(np.uint8), None)
-        axes[row, 2].set_xlabel(f"{int(kept[row].sum())} of {kept[row].size} patches kept", fontsize=6)
-    for column, title in enumerate(("image", "scorer importance", "patches the ViT read")):
-        axes[0, column].set_title(title, fontsize=8)
-    return figure
+    """One row per image: image, the scorer's importance map, and the image with the pruned patches darkened."""
+    tiles, texts = [], []
+    for row, image in enumerate(images):
+        scale = (image.shape[0] // kept.shape[1], image.shape[1] // kept.shape[2])
+        mask = np.kron(kept[row].astype(float), np.ones(scale))[..., None]
+        pad = ((0, image.shape[0] - mask.shape[0]), (0, image.shape[1] - mask.shape[1]), (0, 0))
+        mask = np.pad(mask, pad, mode="edge")
+        tiles.append([image, overlay(image, importance[row]), (image * (0.25 + 0.75 * mask)).astype(np.uint8)])
+        texts.append(["", "", f"{int(kept[row].sum())} of {kept[row].size} kept"])
+    return mosaic_figure(tiles, texts, ["image", "scorer importance", "patches the ViT read"],
+                         title="CNN-pruned ViT: the scorer's map and the kept patches")
 
 
 def merge_sources_figure(images: np.ndarray, holders: np.ndarray) -> Figure:
     """One row per image: the image and its patches coloured by the merged token that holds them."""
-    rows = len(images)
-    figure = _grid_figure(CELL_IN * 2 + 0.4, (CELL_IN + 0.2) * rows + 0.5)
-    axes = np.atleast_2d(figure.subplots(rows, 2, squeeze=False))
-    figure.subplots_adjust(left=0.03, right=0.97, top=1 - 0.35 / figure.get_figheight(), bottom=0.03, hspace=0.3)
-    for row in range(rows):
-        image = images[row]
-        height, width = image.shape[:2]
-        _show_overlay(axes[row, 0], image, None)
-        axes[row, 1].imshow(image, extent=(0, width, height, 0))
-        labels = holders[row].astype(float)
+    tiles, texts = [], []
+    for row, image in enumerate(images):
+        labels = holders[row].astype(int)
+        palette = (colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
         # Shuffle token ids so that neighbouring tokens get distinct colours.
-        palette = np.random.default_rng(0).permutation(int(labels.max()) + 1) if labels.max() >= 0 else np.zeros(1)
-        shown = np.where(labels >= 0, palette[np.maximum(labels, 0).astype(int)], np.nan)
-        axes[row, 1].imshow(shown, cmap="tab20", alpha=0.6, extent=(0, width, height, 0), interpolation="nearest")
-        axes[row, 1].set_xticks([])
-        axes[row, 1].set_yticks([])
-        axes[row, 1].set_xlabel(f"{len(np.unique(labels[labels >= 0]))} tokens", fontsize=6)
-    axes[0, 0].set_title("image", fontsize=8)
-    axes[0, 1].set_title("merged tokens", fontsize=8)
-    return figure
+        order = np.random.default_rng(0).permutation(max(int(labels.max()) + 1, 1))
+        colours = palette[order[np.maximum(labels, 0)] % 20]
+        blended = (image * 0.4 + colours * 0.6).astype(np.uint8)
+        tiles.append([image, np.where((labels >= 0)[..., None], blended, image)])
+        texts.append(["", f"{len(np.unique(labels[labels >= 0]))} tokens"])
+    return mosaic_figure(tiles, texts, ["image", "merged tokens"], title="Which patches each merged token holds")
 
 
 def tsne_figure(embedding: np.ndarray, classes: Sequence[str], magnifications: Sequence[str], title: str) -> Figure:

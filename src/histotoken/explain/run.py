@@ -373,3 +373,30 @@ def _figures(raw, maps, extras, chosen, cells, domain_rows, all_images, names, t
             embedding, classes, tsne_frame["magnification"].astype(str).tolist(),
             f"t-SNE of {meta['model_name']}'s pooled features, test images (trained on {meta['train_domain']})")
     return pictures
+
+
+# Keys of a grid spec's ``explain:`` block (histotoken.experiments.spec): keyword arguments of explain_run,
+# with ``domains`` (a list; default the run's train domain) in place of ``domain``.
+EXPLAIN_SPEC_KEYS = ("domains", "n", "method", "steps", "random_orders", "seed", "tsne")
+
+
+def explain_after_evaluation(run_dir: str | Path, settings: dict[str, Any], default_domain: str) -> list[Path]:
+    """The grid's hook: explain a run that was just evaluated, as its spec's ``explain:`` block asks.
+
+    Domains already explained (explain.json present) are skipped, so a resumed grid does not redo them.
+    An explanation that fails is logged and skipped: it must not turn a finished run into a failed one.
+    """
+    settings = {key: value for key, value in settings.items() if key in EXPLAIN_SPEC_KEYS}
+    domains = [str(d) for d in (settings.pop("domains", None) or [default_domain])]
+    paths = RunPaths(Path(run_dir))
+    written = []
+    for domain in domains:
+        target = paths.explain_dir(domain) / EXPLAIN_SCORES
+        if target.is_file():
+            continue
+        try:
+            explain_run(paths.root, domain, **settings)
+            written.append(target)
+        except (OSError, ValueError, RuntimeError) as error:
+            logger.warning("explanations of %s on %s failed: %s", paths.root.name, domain, error)
+    return written

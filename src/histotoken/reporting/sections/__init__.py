@@ -8,6 +8,7 @@ module and one more entry in ``SECTIONS``.
 from histotoken.reporting.sections import (
     cost,
     cross_domain,
+    explanations,
     failed,
     in_domain,
     preview,
@@ -24,6 +25,7 @@ SECTIONS: tuple[ReportSection, ...] = (
     statistics.SECTION,
     cost.SECTION,
     runs.SECTION,
+    explanations.SECTION,
     preview.SECTION,
     failed.SECTION,
 )
