@@ -44,6 +44,7 @@ SPEC_KEYS = {
     "synthetic",  # used by `histotoken demo` to make its data set; ignored by `grid`
     "factors",  # run settings crossed with the grid, e.g. {stain_norm: [none, macenko]}
     "data_format", "groups",  # kind of data folder (default auto) and an ImageFolder's image -> group CSV
+    "explain",  # explanations of every run after its evaluation (histotoken.explain.run.EXPLAIN_SPEC_KEYS)
 }
 # Protocol keys the grid sets itself, per run.
 PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds", "data_format", "groups"}
@@ -68,6 +69,7 @@ class StudySpec:
     launcher: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_format: str = "auto"  # auto, breakhis, imagefolder, cifar10, tiles
     groups: str | None = None  # ImageFolder: CSV image,group
+    explain: dict[str, Any] = dataclasses.field(default_factory=dict)  # empty: no explanations
 
     @property
     def reference(self) -> str:
@@ -93,6 +95,7 @@ class StudySpec:
             "factors": {key: list(values) for key, values in self.factors.items()},
             "reference_model": self.reference_model,
             "launcher": dict(self.launcher),
+            **({"explain": dict(self.explain)} if self.explain else {}),
         }
 
     def base_config(self) -> RunConfig:
@@ -184,6 +187,7 @@ def spec_from_dict(
         launcher=dict(raw.get("launcher") or {}),
         data_format=str(data_format or raw.get("data_format") or "auto"),
         groups=str(Path(raw["groups"]).expanduser().resolve()) if raw.get("groups") else None,
+        explain=_explain_settings(raw.get("explain"), source),
     )
     merge_config(RunConfig, RunConfig(), {"data_format": spec.data_format}, source)  # a known kind
     spec.base_config()  # validates protocol values and task names early, naming the file
@@ -204,6 +208,22 @@ def spec_from_dict(
 
     launcher_settings(spec.launcher, {}, source)  # unknown launcher keys fail here, naming the file
     return spec
+
+
+def _explain_settings(value: Any, source: str) -> dict[str, Any]:
+    """``explain:`` as keyword arguments of explain_run: ``true`` (defaults) or a mapping of known keys."""
+    if value is None or value is False:
+        return {}
+    if value is True:
+        return {"enabled": True}
+    from histotoken.explain.run import EXPLAIN_SPEC_KEYS
+
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: explain must be true or a mapping of {', '.join(EXPLAIN_SPEC_KEYS)}")
+    unknown = sorted(set(value) - set(EXPLAIN_SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown explain keys {unknown}; known: {', '.join(EXPLAIN_SPEC_KEYS)}")
+    return {"enabled": True, **value}
 
 
 def _reference_label(value: Any, source: str) -> str | None:
