@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -215,6 +216,8 @@ class CNNPruneViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [dict(module=f"blocks.{index}", num_chs=embed_dim, reduction=reduction) for index in range(depth)]
         self.tokens_per_block: list[int] = []
         self.token_info: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
@@ -250,8 +253,14 @@ class CNNPruneViT(nn.Module):
         self.scorer.head = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
         self.set_stage(self.stage)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, k + 1, D) tokens after the last block (class token first)."""
+    def _run_blocks(
+        self, x: torch.Tensor, take_indices: list[int], norm: bool, output_fmt: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Score, select, run the blocks; return the last block's tokens and the ``take_indices`` outputs.
+
+        Intermediates are the kept patch tokens put back on the patch grid, zeros where a patch was
+        pruned: (B, C, H, W) for ``"NCHW"``, (B, N, C) for ``"NLC"``.
+        """
         batch = x.shape[0]
         scores, scorer_logits, pooled = self.scorer(x)  # (B, N), (B, classes), (B, C_cnn)
         tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D), each with its position
@@ -260,11 +269,45 @@ class CNNPruneViT(nn.Module):
         )  # (B, k, D), (B, k), (B, N)
         cls = self.cls_token + self.pos_embed[:, :1] + self.context_proj(pooled)[:, None]  # (B, 1, D)
         x = torch.cat([cls.expand(batch, -1, -1), selected], dim=1)  # (B, k + 1, D)
-        x = self.blocks(x)
-        x = self.norm(x)
+        intermediates: list[torch.Tensor] = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in take_indices:
+                kept = (self.norm(x) if norm else x)[:, 1:]  # (B, k, D)
+                grid = kept.new_zeros(batch, tokens.shape[1], kept.shape[2])  # (B, N, D), pruned = 0
+                grid = grid.scatter(1, kept_indices[:, :, None].expand(-1, -1, kept.shape[2]), kept)
+                if output_fmt == "NCHW":
+                    grid = grid.transpose(1, 2).unflatten(2, self.patch_embed.grid_size)  # (B, D, H, W)
+                intermediates.append(grid)
         if not torch.jit.is_scripting():
             self._record(scorer_logits, keep_prob, kept_indices, scores, int(x.shape[1]))
-        return x
+        return x, intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, k + 1, D) tokens after the last block (class token first)."""
+        x, _ = self._run_blocks(x, [], False, "NLC")
+        return self.norm(x)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs on the patch grid (pruned patches are zeros), like timm's ViT ``forward_intermediates``.
+
+        ``stop_early`` is accepted for timm's interface; the whole model always runs, so the final
+        features equal ``forward_features``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, _ = feature_take_indices(len(self.blocks), indices)
+        x, intermediates = self._run_blocks(x, take_indices, norm, output_fmt)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     @torch.jit.unused
     def _record(

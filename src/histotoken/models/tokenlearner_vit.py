@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -159,6 +160,10 @@ class TokenLearnerViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = make_head(embed_dim, num_classes, like=self.cls_token)
 
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [
+            dict(module=f"blocks.{index}", num_chs=embed_dim, reduction=reduction) for index in range(learner_after)
+        ]  # the blocks that run on the patch grid
         self.tokens_per_block: list[int] = []
         self.token_info: dict[str, torch.Tensor] = {}
         trunc_normal_(self.pos_embed, std=0.02)
@@ -213,12 +218,20 @@ class TokenLearnerViT(nn.Module):
         fused = patches + self.token_fuser(learned, patches)  # (B, S, C), (B, N, C) -> (B, N, C)
         return torch.cat([cls_token, fused], dim=1)  # (B, 1 + N, C)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(
+        self, x: torch.Tensor, take_indices: list[int], norm: bool, output_fmt: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embed, run every block (the learner after ``learner_after``), optionally fuse.
+
+        Returns the final tokens before the last norm and the outputs of the blocks in
+        ``take_indices`` (all before the learner), as grids (B, C, H, W) or tokens (B, N, C).
+        """
         x = self.patch_embed(x)  # (B, 3, H_img, W_img) -> (B, N, C)
         grid_size = self.patch_embed.grid_size
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, C) -> (B, 1 + N, C)
         x = self.pos_drop(x + self.pos_embed)
         tokens_per_block: list[int] = []
+        intermediates: list[torch.Tensor] = []
         patches = x[:, 1:]  # replaced by the learner's input patch tokens below
         maps = x.new_zeros(0)  # replaced by the learner's attention maps below
         for index, block in enumerate(self.blocks):
@@ -226,13 +239,45 @@ class TokenLearnerViT(nn.Module):
                 x, patches, maps = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
             x = block(x)
             tokens_per_block.append(int(x.shape[1]))
+            if index in take_indices:
+                grid = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]  # (B, N, C)
+                if output_fmt == "NCHW":
+                    grid = grid.transpose(1, 2).unflatten(2, grid_size)  # (B, N, C) -> (B, C, H, W)
+                intermediates.append(grid)
         if self.learner_after == len(self.blocks):
             x, patches, maps = self._learn_tokens(x, grid_size)
         if self.token_fuser is not None:
             x = self._fuse_tokens(x, patches)  # (B, 1 + S, C) -> (B, 1 + N, C)
         if not torch.jit.is_scripting():
             self._record(tokens_per_block, maps)
+        return x, intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self._run_blocks(x, [], False, "NLC")
         return self.norm(x)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of the blocks that run on the patch grid, like timm's ``VisionTransformer.forward_intermediates``.
+
+        Only the first ``learner_after`` blocks see the N patch tokens; later blocks hold S learned
+        tokens with no grid position, so ``indices`` count those first blocks (``feature_info``
+        lists them). ``stop_early`` is accepted for timm's interface; the whole model always runs,
+        so the final features equal ``forward_features``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, _ = feature_take_indices(self.learner_after, indices)
+        x, intermediates = self._run_blocks(x, take_indices, norm, output_fmt)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))  # (B, 1 + T, C) -> (B, C)
