@@ -81,6 +81,14 @@ def _tiles(shapes: Sequence[Shape], width: int, height: int, downsample: float, 
             yield block
 
 
+def _compression_args(compression: str | None, level: int | None) -> dict | None:
+    if compression == "zlib":
+        return {"level": 1 if level is None else level}
+    if compression == "jpeg":
+        return {"level": 90 if level is None else level}
+    return None
+
+
 def write_slide(
     path: str | Path,
     shapes: Sequence[Shape],
@@ -89,13 +97,15 @@ def write_slide(
     levels: int | None = None,
     tile: int = 256,
     compression: str | None = "zlib",
-    compression_level: int = 1,
+    compression_level: int | None = None,
     objective_power: float | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF of level-0 ``size`` (width, height) at ``mpp`` microns per pixel.
 
     Levels halve the size until the smallest side is below 2 tiles (or ``levels`` of them). The file is
-    BigTIFF when level 0 is over 1 GiB uncompressed.
+    BigTIFF when level 0 is over 1 GiB uncompressed. ``compression``: ``zlib`` (deflate, level 1 by default:
+    fast to write) or ``jpeg`` (quality 90 by default, like scanner files; tifffile needs the imagecodecs package
+    to encode it), or None.
     """
     import tifffile
 
@@ -119,7 +129,7 @@ def write_slide(
                 tile=(tile, tile),
                 photometric="rgb",
                 compression=compression,
-                compressionargs={"level": compression_level} if compression == "zlib" else None,
+                compressionargs=_compression_args(compression, compression_level),
                 resolution=(pixels_per_cm / downsample, pixels_per_cm / downsample),
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if level else 0,
