@@ -105,6 +105,7 @@ class SubmittedRun:
 
 def run_job(spec: StudySpec, study_dir: str, run_id: str, claim_timeout_s: float) -> dict[str, Any]:
     """The job's body (on the cluster node or in a local process): claim, train, evaluate, release."""
+    from histotoken.engine.interrupt import interruptible
     from histotoken.experiments.grid import execute_run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +114,8 @@ def run_job(spec: StudySpec, study_dir: str, run_id: str, claim_timeout_s: float
         raise ValueError(f"run {run_id} is not part of study {spec.name}; was the spec changed after submission?")
     run = planned[run_id]
     split_path = StudyPaths(Path(study_dir)).split_file(run.split_name)
-    outcome = execute_run(spec, Path(study_dir), run, split_path, claim_timeout_s)
+    with interruptible():  # SIGTERM (time limit, pre-emption): the run is marked interrupted, its claim freed
+        outcome = execute_run(spec, Path(study_dir), run, split_path, claim_timeout_s)
     return {"run_id": run_id, "outcome": outcome.outcome, "error": outcome.error}
 
 
