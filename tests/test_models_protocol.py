@@ -37,3 +37,14 @@ def test_staged_family_declares_an_integer_stage_count():
 def test_plain_timm_resnet_claims_no_hook():
     model = timm.create_model("resnet18", num_classes=3)
     assert not any(isinstance(model, protocol) for protocol in PROTOCOLS)
+
+
+def test_token_merging_makes_a_plain_vit_report_tokens_and_removal_undoes_it():
+    from histotoken.models.token_merging import apply_token_merging, remove_token_merging
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2, num_classes=3)
+    assert not isinstance(model, TokenReporting)
+    apply_token_merging(model, 4)
+    assert isinstance(model, TokenReporting)
+    remove_token_merging(model)
+    assert not isinstance(model, TokenReporting)

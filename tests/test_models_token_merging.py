@@ -177,6 +177,17 @@ def test_applying_a_new_r_keeps_the_placement_unless_told(images):
     assert model.tokens_per_block == [65, 61, 57, 53]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_model_with_static_token_counts_reports_the_merged_counts(mode):
+    model = timm.create_model("vit_mini_patch4_32", num_classes=3).eval()  # counts are properties
+    plain_counts = list(model.tokens_per_block)
+    apply_token_merging(model, 8, mode=mode)
+    model(torch.randn(1, 3, 32, 32))
+    assert model.tokens_per_block[-1] < plain_counts[-1]
+    remove_token_merging(model)
+    assert model.tokens_per_block == plain_counts
+
+
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="merge_mode"):
         apply_token_merging(_vit(), 8, mode="post_mlp")

@@ -310,4 +310,7 @@ def remove_token_merging(model: nn.Module) -> nn.Module:
             del block.forward, block._token_merging, block._token_merging_index
         del model._token_merging
         model.merge_r = 0
+        for name in ("tokens_per_block", "token_info"):  # the plain model's own (or none) again
+            if name in vars(model) or isinstance(getattr(type(model), name, None), property):
+                delattr(model, name)
     return model

@@ -359,11 +359,31 @@ class TokenCountingViT(VisionTransformer):
 
     @property
     def tokens_per_block(self) -> list[int]:
+        recorded = self.__dict__.get("_recorded_tokens_per_block")
+        if recorded is not None:
+            return recorded
         return [int(self.patch_embed.num_patches) + self.num_prefix_tokens] * len(self.blocks)
+
+    @tokens_per_block.setter
+    def tokens_per_block(self, counts: list[int]) -> None:
+        # what a forward pass recorded (token merging: histotoken.models.token_merging) overrides the static counts
+        self.__dict__["_recorded_tokens_per_block"] = counts
+
+    @tokens_per_block.deleter
+    def tokens_per_block(self) -> None:
+        self.__dict__.pop("_recorded_tokens_per_block", None)
 
     @property
     def token_info(self) -> dict[str, torch.Tensor]:
-        return {}
+        return self.__dict__.get("_recorded_token_info") or {}
+
+    @token_info.setter
+    def token_info(self, info: dict[str, torch.Tensor]) -> None:
+        self.__dict__["_recorded_token_info"] = info
+
+    @token_info.deleter
+    def token_info(self) -> None:
+        self.__dict__.pop("_recorded_token_info", None)
 
 
 @register_model
