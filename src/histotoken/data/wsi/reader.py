@@ -104,36 +104,32 @@ class Slide:
         """
         return int(self.handle.get_best_level_for_downsample(downsample * (1 + 1e-3)))
 
+    def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """OpenSlide's RGBA region (not premultiplied) composited over white, as a PIL RGB image."""
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count} levels)")
+        region = self.handle.read_region(location, level, size)  # PIL RGBA
+        if region.getextrema()[3][0] < 255:  # transparent pixels (outside the scanned area) become white
+            region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
+        return region.convert("RGB")
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) of ``size`` pixels at ``level``, top-left at level-0 ``location``.
 
         Transparent pixels (outside the scanned area) become white, as slide background is.
         """
-        if not 0 <= level < self.level_count:
-            raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count} levels)")
-        rgba = np.asarray(self.handle.read_region(location, level, size))
-        return rgba_to_rgb(rgba)
+        return np.asarray(self._read_rgb(location, level, size))
 
     def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int) -> np.ndarray:
         """RGB uint8 (tile_size, tile_size, 3): a ``read_size`` square at ``level`` resized to ``tile_size``."""
-        region = self.read_region((x, y), level, (read_size, read_size))
+        region = self._read_rgb((x, y), level, (read_size, read_size))
         if read_size != tile_size:
-            region = np.asarray(Image.fromarray(region).resize((tile_size, tile_size), Image.Resampling.BILINEAR))
-        return region
+            region = region.resize((tile_size, tile_size), Image.Resampling.BILINEAR)
+        return np.asarray(region)
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole pyramid level as RGB uint8 (h, w, 3) (used for the low-resolution thumbnail)."""
         return self.read_region((0, 0), level, self.level_dimensions[level])
-
-
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite OpenSlide's RGBA (not premultiplied) over white -> RGB uint8."""
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    weight = alpha.astype(np.float32) / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * weight + 255.0 * (1.0 - weight)
-    return np.round(rgb).astype(np.uint8)
 
 
 def slide_name(path: str | Path) -> str:
