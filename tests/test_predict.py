@@ -79,9 +79,12 @@ def test_missing_path_is_a_clear_error(tmp_path):
         collect_inputs([tmp_path / "nowhere.png"])
 
 
-def test_flat_tiff_is_an_image_and_svs_a_slide(tmp_path):
+def test_flat_tiff_is_an_image_and_pyramidal_tiff_or_svs_a_slide(tmp_path):
+    from histotoken.data.wsi.synthetic import write_slide
+
     flat = write_image(tmp_path / "flat.tif", seed=5)
-    slide = tmp_path / "case.svs"
-    slide.write_bytes(b"")
-    images, slides = split_slides([flat, slide])
-    assert images == [flat] and slides == [slide]
+    pyramid = write_slide(tmp_path / "pyramid.tif", [], (512, 512), levels=2, tile=128)
+    svs = tmp_path / "case.svs"
+    svs.write_bytes(b"")
+    images, slides = split_slides([flat, pyramid, svs])
+    assert images == [flat] and slides == [pyramid, svs]
