@@ -88,6 +88,16 @@ def test_tile_train_predict_heatmap_on_two_slides(slide_set, tmp_path):
     assert set(evaluation["ci95"]) >= {"accuracy", "macro_f1", "auroc"}
     assert evaluation["tile_level"]["n_images"] == 56 and evaluation["tile_level"]["auroc"] == 1.0
 
+    # The same through `histotoken predict`, which sends slide files here.
+    from histotoken.cli.main import main
+
+    cli_out = tmp_path / "cli"
+    assert main(["predict", str(run_dir), str(slide_set["normal"]), "--out", str(cli_out), "--bootstrap", "0"]) == 0
+    cli_scores = pd.read_csv(cli_out / formats.SLIDE_SCORES)
+    assert list(cli_scores["slide"]) == [NORMAL_SLIDE]
+    assert cli_scores["score_max"].iloc[0] == pytest.approx(scores.loc[NORMAL_SLIDE, "score_max"], abs=1e-5)
+    assert (cli_out / formats.SLIDE_HEATMAPS_DIR / f"{NORMAL_SLIDE}.png").is_file()
+
 
 def test_slide_scores_are_the_maximum_and_top_k_mean():
     assert slide_scores(np.array([0.1, 0.9, 0.5, 0.7]), top_k=2) == pytest.approx((0.9, 0.8))

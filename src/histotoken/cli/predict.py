@@ -30,6 +30,15 @@ def add_parser(subparsers):
     parser.add_argument("--tta", action="store_true", help="average over 8 flips/rotations of each image")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--accelerator", help="override the run's accelerator (cpu, gpu)")
+    slides = parser.add_argument_group("whole-slide images (tiled with the run's own tiling when it was trained on tiles)")
+    slides.add_argument("--annotations", metavar="DIR", help="<slide>.xml (ASAP) or <slide>.geojson: tile labels, heatmap outlines")
+    slides.add_argument("--labels", metavar="CSV", help="slide labels (slide,label): slide- and tile-level metrics in eval.json")
+    slides.add_argument("--label-map", metavar="NAME=LABEL,...", help="QuPath class names to tumor/exclude")
+    slides.add_argument("--slide-mpp", type=float, help="level-0 microns per pixel for slides that record none")
+    slides.add_argument("--top-k", type=int, default=10, help="slide score: mean of the k highest tile probabilities")
+    slides.add_argument("--slide-score", choices=("max", "topk_mean"), default="max", help="score behind slide predictions")
+    slides.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of slides for the 95%% intervals")
+    slides.add_argument("--workers", type=int, default=1, help="slides tiled in parallel processes")
     return parser
 
 
@@ -60,8 +69,23 @@ def run(args) -> int:
 
 def predict_slides_for_cli(args, run_dir, slides, out_dir) -> None:
     """Whole-slide inputs: tile and score each slide (histotoken.engine.slides); slide options go here."""
+    from histotoken.data.wsi.annotations import parse_label_map
     from histotoken.engine.predict import predict_slides_dispatch
 
-    result = predict_slides_dispatch(run_dir, slides, out_dir, batch_size=args.batch_size, accelerator=args.accelerator)
+    result = predict_slides_dispatch(
+        run_dir, slides, out_dir, batch_size=args.batch_size, accelerator=args.accelerator,
+        annotations_dir=args.annotations, labels_csv=args.labels, label_map=parse_label_map(args.label_map),
+        slide_mpp=args.slide_mpp, top_k=args.top_k, slide_score=args.slide_score, n_bootstrap=args.bootstrap,
+        workers=args.workers,
+    )
     print(f"{len(result['slides'])} slides scored, {len(result['failed'])} failed")
+    for _, row in result["failed"].iterrows():
+        print(f"failed: {row['error']}")
+    evaluation = result["eval"]
+    if evaluation:
+        ci = (evaluation.get("ci95") or {}).get("auroc")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        auroc = "n/a" if evaluation["auroc"] is None else f"{evaluation['auroc']:.3f}{interval}"
+        print(f"slides: AUROC {auroc}, accuracy {evaluation['accuracy']:.3f} ({evaluation['n_slides']} slides, "
+              f"{evaluation['slide_score']} score)")
     print(f"slide outputs written to {out_dir}")
