@@ -204,3 +204,17 @@ def test_report_rebuilds_the_study_tables_from_the_run_folders(tmp_path, monkeyp
     runs = pd.read_csv(study / "runs.csv", keep_default_na=False)
     assert runs["status"].value_counts().to_dict() == {"finished": 8, "failed": 1}
     assert "loss is NaN" in runs.loc[runs["status"] == "failed", "error"].item()
+
+
+def test_a_shard_trains_only_its_runs_and_leaves_the_tables_to_collect(synthetic_root, tmp_path, monkeypatch):
+    import histotoken.engine.evaluate as evaluate
+    import histotoken.engine.fit as fit
+
+    trained = []
+    monkeypatch.setattr(fit, "train", lambda config, run_dir, **kwargs: trained.append(Path(run_dir).name))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run_dir, domain, **kwargs: None)
+    spec = spec_from_dict(spec_dict(synthetic_root, train_domains=["100", "400", "100+400"]), "s.yaml")
+    study = tmp_path / "study"
+    run_grid(spec, study, shard=(1, 2), collect=False)
+    assert trained == [run.run_id for run in shard_runs(expand(spec), (1, 2))] and len(trained) == 1
+    assert not StudyPaths(study).runs_table.exists()
