@@ -58,3 +58,13 @@ def test_tile_tissue_fractions_from_the_mask_are_exact(slide_set):
     xs = np.array([256, 1408, 1536, 192, 0])
     ys = np.array([256, 896, 896, 256, 1344])  # last one: on the blue pen stroke
     np.testing.assert_allclose(tissue.fractions(xs, ys, 128), [1.0, 0.5, 0.0, 0.5, 0.0])
+
+
+def test_slide_without_a_coarse_level_is_shrunk_to_the_mask_resolution(slide_set, monkeypatch):
+    from histotoken.data.wsi import tissue as tissue_module
+
+    monkeypatch.setattr(tissue_module, "MAX_MASK_PIXELS", 10_000)  # level 3 (256 x 192) now counts as too big
+    with open_slide(slide_set["normal"]) as slide:
+        tissue = detect_tissue(slide)
+    assert tissue.mask.shape == (48, 64) and tissue.scale == (32.0, 32.0)  # 8 um: level 3 shrunk 4 times
+    np.testing.assert_array_equal(tissue.mask, _expected_mask(tissue.mask.shape, 32))

@@ -104,8 +104,8 @@ class Slide:
         """
         return int(self.handle.get_best_level_for_downsample(downsample * (1 + 1e-3)))
 
-    def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
-        """OpenSlide's RGBA region (not premultiplied) composited over white, as a PIL RGB image."""
+    def read_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """A region as a PIL RGB image: OpenSlide's RGBA (not premultiplied) composited over white."""
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count} levels)")
         region = self.handle.read_region(location, level, size)  # PIL RGBA
@@ -118,11 +118,11 @@ class Slide:
 
         Transparent pixels (outside the scanned area) become white, as slide background is.
         """
-        return np.asarray(self._read_rgb(location, level, size))
+        return np.asarray(self.read_image(location, level, size))
 
     def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int) -> np.ndarray:
         """RGB uint8 (tile_size, tile_size, 3): a ``read_size`` square at ``level`` resized to ``tile_size``."""
-        region = self._read_rgb((x, y), level, (read_size, read_size))
+        region = self.read_image((x, y), level, (read_size, read_size))
         if read_size != tile_size:
             region = region.resize((tile_size, tile_size), Image.Resampling.BILINEAR)
         return np.asarray(region)

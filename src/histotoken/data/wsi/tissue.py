@@ -32,6 +32,7 @@ PEN_MIN_SATURATION = 0.25
 PEN_MAX_VALUE = 0.2  # black ink: darker than this (0-1)
 PEN_DILATION_UM = 16.0
 MIN_TISSUE_SATURATION = 0.05  # Otsu's threshold never goes below this (a blank slide stays blank)
+MAX_MASK_PIXELS = 64_000_000  # a mask level larger than this is shrunk while read (see detect_tissue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +115,35 @@ def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSe
     return mask & ~pen, threshold
 
 
+def read_reduced(slide: Slide, level: int, factor: int, strip_rows: int = 1024) -> np.ndarray:
+    """A pyramid level shrunk ``factor`` times (box average), read in strips so that a slide without a coarse
+    level (a plain tiled TIFF) never sits in memory at full size."""
+
+    width, height = slide.level_dimensions[level]
+    downsample = slide.level_downsamples[level]
+    rows = max(strip_rows // factor, 1) * factor
+    strips = []
+    for top in range(0, height - height % factor, rows):
+        count = min(rows, height - height % factor - top)
+        strip = slide.read_image((0, int(round(top * downsample))), level, (width - width % factor, count))
+        strips.append(np.asarray(strip.reduce(factor)))  # (count / factor, width / factor, 3)
+    return np.concatenate(strips, axis=0)
+
+
 def detect_tissue(slide: Slide, settings: TissueSettings = TissueSettings()) -> TissueMask:
-    """The tissue mask of ``slide``, computed on the pyramid level nearest ``settings.mask_mpp``."""
-    level = slide.best_level(settings.mask_mpp / slide.mpp)
-    image = slide.read_level(level)
+    """The tissue mask of ``slide``, computed on the pyramid level nearest ``settings.mask_mpp``.
+
+    Where that level is still over ``MAX_MASK_PIXELS`` (a slide without a coarse enough level), it is shrunk
+    to the mask resolution while it is read.
+    """
+    target = settings.mask_mpp / slide.mpp
+    level = slide.best_level(target)
+    width, height = slide.level_dimensions[level]
+    factor = max(int(target / slide.level_downsamples[level]), 1)
+    if width * height > MAX_MASK_PIXELS and factor > 1:
+        image = read_reduced(slide, level, factor)
+    else:
+        image = slide.read_level(level)
     width, height = slide.dimensions
     scale = (width / image.shape[1], height / image.shape[0])
     mask, threshold = tissue_mask(image, slide.mpp * (scale[0] + scale[1]) / 2, settings)
