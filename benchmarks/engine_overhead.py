@@ -1,0 +1,148 @@
+"""Engine overhead: training throughput of `histotoken train` against a bare PyTorch loop, side by side.
+
+For each (model, image size) both do the same work per epoch: the same model, the same decoded
+images and transforms (train augmentation per image through a DataLoader), the same batch size,
+precision, AdamW with gradient clipping, and a validation pass. The engine adds Lightning, its
+metrics, metrics.csv, last.ckpt and the best weights. Epochs alternate engine / bare loop in one
+process, and the median epoch time over the measured epochs (the first is a warm-up) is reported;
+the ratio bare / engine is the engine's efficiency (target: at least 0.95).
+
+It also prints evaluation throughput: the hand-written CPU loop the engine used before
+(per-image transforms, no Lightning) against the current evaluation (``Trainer.predict`` with
+normalisation as one batch operation on the device).
+
+    python benchmarks/engine_overhead.py                         # resnet18 and deit_tiny at 64 and 224 px
+    python benchmarks/engine_overhead.py --models resnet18 --sizes 64 --epochs 3   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from histotoken.config import RunConfig
+from histotoken.data.dataset import ImageDataset, ImageStore
+from histotoken.data.splits import read_split
+from histotoken.data.transforms import eval_transform, model_normalisation, train_transform
+from histotoken.engine.benchmark import machine_description
+from histotoken.engine.fit import train
+from histotoken.engine.inference import predict_logits
+from histotoken.engine.module import make_optimizer
+from histotoken.engine.precision import autocast_context, resolve_precision
+from histotoken.models.factory import create_model, parse_model_spec
+
+
+def bare_epoch(model, train_loader, val_loader, optimizer, precision: str) -> float:
+    """One epoch of plain PyTorch: train (autocast, backward, clip 1.0, step) then a validation pass."""
+    start = time.perf_counter()
+    model.train()
+    criterion = torch.nn.CrossEntropyLoss()
+    for images, targets in train_loader:
+        with autocast_context(precision):
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode(), autocast_context(precision):
+        for images, _ in val_loader:
+            model(images)
+    return time.perf_counter() - start
+
+
+def engine_epochs(config: RunConfig, run_dir: Path) -> list[float]:
+    train(config, run_dir, progress_bar=False)
+    return list(pd.read_csv(run_dir / "metrics.csv")["epoch_time_s"])
+
+
+def old_evaluation_loop(model, images: torch.Tensor, transform, batch_size: int, precision: str) -> None:
+    """The evaluation loop the engine had before: per-image transforms, CPU autocast, no Lightning."""
+    with torch.inference_mode(), autocast_context(precision):
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image) for image in images[start : start + batch_size]])
+            model(batch).float().argmax(dim=1)
+
+
+def measure(model_name: str, img_size: int, data: Path, epochs: int, batch_size: int, work: Path) -> dict:
+    precision = resolve_precision("auto", "cpu", img_size)
+    base = RunConfig(
+        data=str(data), model=model_name, task="subtype", train_domain="all", img_size=img_size, epochs=epochs,
+        batch_size=batch_size, precision=precision, bootstrap=0, early_stopping_patience=epochs, warmup_epochs=0,
+    )
+    engine_times, bare_times = [], []
+    # Alternate: engine run (all epochs), bare loop (all epochs), twice.
+    for repeat in range(2):
+        engine_times += engine_epochs(base, work / f"{model_name}-{img_size}-{repeat}")[1:]
+        split = read_split(work / f"{model_name}-{img_size}-{repeat}" / "splits.csv")
+        model = create_model(parse_model_spec(model_name), 8, img_size)
+        mean, std = model_normalisation(model)
+        stores = {side: ImageStore.build(split[split["split"] == side], img_size, universe=split) for side in ("train", "val")}
+        names = sorted(split["tumor_class"].unique())
+        train_set = ImageDataset(stores["train"], names, "tumor_class", train_transform(img_size, mean, std))
+        val_set = ImageDataset(stores["val"], names, "tumor_class", eval_transform(mean, std))
+        loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size)
+        optimizer = make_optimizer(model, 3e-4, 0.05)
+        times = [bare_epoch(model, loader, val_loader, optimizer, precision) for _ in range(epochs)]
+        bare_times += times[1:]
+    n_train = len(train_set)
+    engine_median, bare_median = statistics.median(engine_times), statistics.median(bare_times)
+
+    # Evaluation throughput: old per-image loop vs Trainer.predict, on the test images.
+    test = split[split["split"] == "test"]
+    store = ImageStore.build(test, img_size, universe=split)
+    model.eval()
+    old, new = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        old_evaluation_loop(model, store.images, eval_transform(mean, std), 64, precision)
+        old.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predict_logits(model, ImageDataset(store, names, "tumor_class", lambda x: x), mean=mean, std=std,
+                       batch_size=64, accelerator="cpu", precision=precision)
+        new.append(time.perf_counter() - start)
+    n_test = len(store.images)
+    return {
+        "model": model_name, "img_size": img_size, "precision": precision, "train_images": n_train,
+        "engine_img_s": round(n_train / engine_median, 1), "bare_img_s": round(n_train / bare_median, 1),
+        "engine_epoch_s": round(engine_median, 3), "bare_epoch_s": round(bare_median, 3),
+        "ratio_engine_vs_bare": round(bare_median / engine_median, 3),
+        "eval_before_img_s": round(n_test / statistics.median(old), 1),
+        "eval_after_img_s": round(n_test / statistics.median(new), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "deit_tiny_patch16_224"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--patients-per-class", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "histotoken")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from histotoken.data.synthetic import generate_synthetic_breakhis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        generate_synthetic_breakhis(data, patients_per_class=args.patients_per_class, images_per_patient=4,
+                                    magnifications=(100, 400), size=(160, 104), seed=0)
+        rows = [measure(m, s, data, args.epochs, args.batch_size, work) for m in args.models for s in args.sizes]
+    print(f"machine: {machine_description()}")
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
