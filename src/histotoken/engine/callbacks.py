@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from histotoken.formats import BEST_META, BEST_WEIGHTS, VAL_ACC, VAL_MACRO_F1
 from histotoken.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -98,20 +99,20 @@ class BestWeightsSaver(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        score = (_scalar(metrics["val/macro_f1"]), _scalar(metrics["val/acc"]))
+        score = (_scalar(metrics[VAL_MACRO_F1]), _scalar(metrics[VAL_ACC]))
         if score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch
             if not trainer.is_global_zero:  # every process tracks the score; only the first writes
                 return
-            save_weights(pl_module.model, self.directory / "best.safetensors")
+            save_weights(pl_module.model, self.directory / BEST_WEIGHTS)
             atomic_write_json(
-                self.directory / "best.json",
+                self.directory / BEST_META,
                 {
                     **self.metadata,
                     "stage": self.stage,
                     "epoch": trainer.current_epoch,
-                    "val/macro_f1": score[0],
-                    "val/acc": score[1],
+                    VAL_MACRO_F1: score[0],
+                    VAL_ACC: score[1],
                 },
             )
 

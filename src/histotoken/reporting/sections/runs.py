@@ -41,7 +41,7 @@ def _run_blocks(context: SectionContext, run_id: str, run_dir: Path, row: dict) 
         return [Note(f"The run folder {run_dir} is missing.")]
     status = tables.read_json_if_present(RunPaths(run_dir).status)
     if isinstance(status, dict):
-        stages = status.get("stages") or status.get("stages_done") or []
+        stages = status.get("stages_done") or []
         blocks.append(Paragraph(
             f"State: {status.get('state', MISSING)}; best epoch: {status.get('best_epoch', MISSING)}"
             + (f"; stages: {', '.join(map(str, stages))}" if stages else "") + "."
