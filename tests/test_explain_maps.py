@@ -164,3 +164,11 @@ def test_masks_cover_a_growing_share_of_patches_in_the_given_order():
     assert masks.mean(dim=(1, 2)).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert masks[1, 2:, 2:].eq(1).all() and masks[1].sum() == 4  # patch 3 (bottom right) goes first
     assert faithfulness.auc([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+
+
+def test_gradcam_layer_of_a_cnn_keeps_a_spatial_map_on_small_images():
+    from histotoken.explain.gradcam import target_layer
+
+    model = timm.create_model("resnet18", num_classes=3)
+    assert target_layer(model, 224)[0] is model.layer4  # 7 x 7 at 224 px
+    assert target_layer(model, 32)[0] is model.layer2  # layer4 would be 1 x 1 at 32 px: a constant map

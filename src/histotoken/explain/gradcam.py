@@ -28,7 +28,29 @@ def _channels_last_to_first(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
 
 
-def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
+MIN_CAM_SIDE = 4  # a CNN's Grad-CAM layer must keep at least 4 x 4 positions (at 32 px: stride 8, not 32)
+
+
+def _feature_layer(model: nn.Module, image_side: int) -> nn.Module | None:
+    """The deepest of a timm CNN's feature stages (``feature_info``) that keeps MIN_CAM_SIDE positions a side.
+
+    At 224 px that is the last stage (7 x 7 for a ResNet); on small images the last stage is 1 x 1, where
+    Grad-CAM is a constant, so an earlier stage is taken.
+    """
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list) or not info or not all(isinstance(i, dict) and "module" in i for i in info):
+        return None
+    fitting = [i for i in info if image_side // int(i.get("reduction", 1)) >= MIN_CAM_SIDE]
+    chosen = (fitting or info[:1])[-1]
+    try:
+        return model.get_submodule(chosen["module"])
+    except AttributeError:
+        return None
+
+
+def target_layer(
+    model: nn.Module, image_side: int = 224
+) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
     """The layer Grad-CAM reads for ``model`` and the reshape its output needs (None: already (B, C, h, w))."""
     from timm.models.mlp_mixer import MlpMixer
     from timm.models.swin_transformer import SwinTransformer
@@ -41,6 +63,9 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], 
     if isinstance(model, VisionTransformer):
         grid = tuple(model.patch_embed.grid_size)
         return model.blocks[-1].norm1, _tokens_to_grid(int(model.num_prefix_tokens), grid)
+    layer = _feature_layer(model, image_side)
+    if layer is not None:
+        return layer, None
     for name in ("layer4", "stages", "blocks", "features"):  # ResNet, ConvNeXt/EfficientNet, ConvMixer, ...
         module = getattr(model, name, None)
         if isinstance(module, nn.Sequential) and len(module):
@@ -60,7 +85,7 @@ def gradcam_maps(
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer, reshape = target_layer(model)
+    layer, reshape = target_layer(model, min(images.shape[-2:]))
     with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         pixels = cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])  # (B, H, W)
     return normalise_maps(pool_to_grid(torch.from_numpy(pixels), grid_size))
