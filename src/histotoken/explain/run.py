@@ -271,7 +271,7 @@ def explain_run(
 
     tick = time.perf_counter()
     pictures = _figures(
-        raw, maps, extras, chosen, cells, domain_rows, store.images, names, targets_all, probabilities,
+        raw, maps, extras, chosen, cells, domain_rows, names, targets_all, probabilities,
         embedding, frame.iloc[tsne_rows], column, mean_curves, meta, domain,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +323,7 @@ def _figure_name(key: str) -> str:
     return EXPLAIN_FIGURES[key]
 
 
-def _figures(raw, maps, extras, chosen, cells, domain_rows, all_images, names, targets_all, probabilities,
+def _figures(raw, maps, extras, chosen, cells, domain_rows, names, targets_all, probabilities,
              embedding, tsne_frame, column, mean_curves, meta, domain) -> dict:
     """Every figure of one explanation, keyed as in ``formats.EXPLAIN_FIGURES``."""
     from histotoken.explain.maps import upsample
