@@ -205,6 +205,7 @@ def tile_one_slide(job: SlideJob, settings: TilingSettings, out_dir: Path) -> di
         record.update(status="failed", error=message, seconds=round(time.perf_counter() - start, 3))
         atomic_write_json(paths.record(job.name), record)
         logger.warning("%s", message)
+        logger.debug("%s: traceback", job.path, exc_info=True)
     return record
 
 
