@@ -9,19 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from histotoken.config import RunConfig
 from histotoken.engine.evaluate import evaluate_run
 from histotoken.engine.fit import train
-
-
-def tiny_config(root, **changes) -> RunConfig:
-    values = dict(
-        data=str(root), model="resnet18", task="subtype", train_domain="100", img_size=32,
-        epochs=1, batch_size=16, precision="32-true", seed=0, bootstrap=100,
-    )
-    values.update(changes)
-    return RunConfig(**values)
-
+from tests.run_config import tiny_config
 
 BASELINES = [
     "resnet18",

@@ -16,6 +16,7 @@ from histotoken.config import RunConfig
 from histotoken.engine.evaluate import evaluate_run, load_best_model
 from histotoken.engine.fit import train
 from histotoken.engine.module import make_optimizer
+from tests import run_config
 
 
 def test_ddp_on_two_cpu_processes_writes_each_epoch_once_and_evaluates_like_one_process(synthetic_root, tmp_path):
@@ -92,12 +93,7 @@ def test_layer_decay_on_a_model_without_layer_groups_is_a_clear_error():
 
 
 def tiny_config(root, **changes) -> RunConfig:
-    values = dict(
-        data=str(root), model="resnet18", task="subtype", train_domain="100", img_size=32,
-        epochs=1, batch_size=16, precision="32-true", seed=0, bootstrap=0,
-    )
-    values.update(changes)
-    return RunConfig(**values)
+    return run_config.tiny_config(root, **{**dict(bootstrap=0), **changes})
 
 
 @pytest.mark.parametrize("name, expected", [

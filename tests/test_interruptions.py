@@ -16,15 +16,11 @@ import pytest
 
 from histotoken.config import RunConfig
 from histotoken.engine.fit import train
+from tests import run_config
 
 
 def tiny_config(root, **changes) -> RunConfig:
-    values = dict(
-        data=str(root), model="resnet18", task="subtype", train_domain="100", img_size=32,
-        epochs=3, batch_size=16, precision="32-true", seed=0, bootstrap=0,
-    )
-    values.update(changes)
-    return RunConfig(**values)
+    return run_config.tiny_config(root, **{**dict(epochs=3, bootstrap=0), **changes})
 
 
 def histotoken_command(data: Path, out: Path, epochs: int) -> list[str]:
