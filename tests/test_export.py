@@ -1,6 +1,6 @@
 """histotoken export: every family exports to ONNX, TorchScript and a timm folder that reproduce PyTorch.
 
-Tiny models at 32 px (patch 8 where the family has a patch size). The reference is the PyTorch
+Tiny models at 32 px (patch 8 where the family has a patch size; DeiT-Tiny cut to 2 blocks). The reference is the PyTorch
 model itself; the exported model runs in onnxruntime, in a reloaded TorchScript file, or as a timm
 model rebuilt from the folder, so a wrong export shows up as a logit difference.
 """
@@ -34,11 +34,11 @@ DONOR_REASON = (
 # (label, timm name, model kwargs)
 FAMILIES = [
     ("resnet18", "resnet18", {}),
-    ("deit_tiny", "deit_tiny_patch16_224", {"patch_size": 8}),
+    ("deit_tiny", "deit_tiny_patch16_224", {"patch_size": 8, "depth": 2}),
     ("tokenlearner_vit_tiny", "tokenlearner_vit_tiny", {"patch_size": 8}),
     ("tokenmixer_tiny", "tokenmixer_tiny", {}),
     ("cnnprune_vit_tiny", "cnnprune_vit_tiny", {"patch_size": 8, "keep_ratio": 0.5}),
-    ("deit_tiny_merged", "deit_tiny_patch16_224", {"patch_size": 8, "merge_r": 2}),
+    ("deit_tiny_merged", "deit_tiny_patch16_224", {"patch_size": 8, "depth": 2, "merge_r": 2}),
     ("mixer_tiny", "mixer_tiny", {"patch_size": 8}),
     ("convmixer_tiny", "convmixer_tiny", {}),
 ]
