@@ -66,6 +66,9 @@ _OPERATOR_PATTERNS = (
 )
 
 
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']+)'")
+
+
 class ExportError(ValueError):
     """A model could not be exported or the exported model does not reproduce PyTorch's logits."""
 
@@ -100,6 +103,9 @@ class ExportInfo:
 def operator_in_error(error: BaseException) -> str | None:
     """The operator an exporter error complains about (``aten::searchsorted``), or None."""
     text = "\n".join(str(part) for part in _error_chain(error))
+    node = _ORT_NODE.search(text)  # onnxruntime: "... while running Concat node. Name:'/blocks/blocks.0/Concat_2' ..."
+    if node:
+        return f"onnx::{node.group(1)} (node {node.group(2)})"
     for pattern in _OPERATOR_PATTERNS:
         match = pattern.search(text)
         if match:
@@ -117,12 +123,19 @@ def _error_chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def _export_failure(error: BaseException, fmt: str, model_name: str, method: str) -> ExportError:
+def _export_failure(error: BaseException, fmt: str, model_name: str, method: str, running: bool = False) -> ExportError:
     operator = operator_in_error(error)
     first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    detail = f"({type(error).__name__}: {first_line[:300]})"
+    if running:  # exported, but the exported model fails on the check batches (e.g. a batch axis fixed at export)
+        where = f"at operator {operator}" if operator else ""
+        return ExportError(
+            f"the {fmt} export of {model_name} ({method}) fails to run on the check images {where} {detail}; "
+            "no file was kept. Try another --format, or report the operator so the model family can avoid it."
+        )
     what = f"operator {operator} has no {fmt} form in {method}" if operator else f"{method} failed"
     return ExportError(
-        f"{model_name} cannot be exported to {fmt}: {what} ({type(error).__name__}: {first_line[:300]}). "
+        f"{model_name} cannot be exported to {fmt}: {what} {detail}. "
         "Try another --format, or report the operator so the model family can avoid it."
     )
 
@@ -195,7 +208,9 @@ def run_exported(fmt: str, out_dir: Path, images: torch.Tensor, info: ExportInfo
     if fmt == "onnx":
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(out_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # failures come back as exceptions, reported by export_model
+        session = onnxruntime.InferenceSession(str(out_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
     if fmt == "torchscript":
@@ -281,7 +296,7 @@ def export_model(
             max_diff = max(_max_abs_diff(model, fmt, out_dir, batch, info) for batch in (images, images[:1]))
     except Exception as error:  # noqa: BLE001  (a model that exports but does not run is a failed export)
         _remove_export(out_dir, fmt)
-        raise _export_failure(error, fmt, info.model_name, f"running the exported model ({method})") from error
+        raise _export_failure(error, fmt, info.model_name, method, running=True) from error
     if not max_diff <= tolerance:
         _remove_export(out_dir, fmt)
         raise ExportError(
