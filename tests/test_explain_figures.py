@@ -37,13 +37,15 @@ def test_method_that_does_not_fit_the_model_is_a_clear_error():
         methods_for(timm.create_model("resnet18", num_classes=3), "lime")
 
 
-def test_token_merging_model_shows_its_merged_tokens():
+def test_token_merging_model_shows_its_merged_tokens_and_rollout_through_the_merges():
     torch.manual_seed(0)
     model = apply_token_merging(timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=2, **TINY), 3).eval()
-    assert methods_for(model, "auto") == []
-    maps, extras = compute_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [], (4, 4))
+    assert methods_for(model, "auto") == ["rollout"]
+    maps, extras = compute_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), ["rollout"], (4, 4))
     holders = extras["merge_holders"]
     assert holders.shape == (2, 4, 4) and len(torch.unique(holders[0])) == 16 - 2 * 3  # two blocks, r = 3
+    assert maps["rollout"].shape == (2, 4, 4)
+    assert torch.allclose(maps["rollout"].flatten(1).sum(dim=1), torch.ones(2), atol=1e-5)
 
 
 def test_selection_takes_confident_correct_images_and_errors_in_turn():

@@ -123,6 +123,15 @@ def test_merge_sources_partition_the_patches():
     assert sources.sum(dim=2).max() > 1  # and some hold several
 
 
+def test_rollout_through_merges_equals_plain_rollout_without_merging():
+    from histotoken.explain.tome_sources import merged_rollout_maps
+
+    model, x = tiny_vit(), images()
+    assert torch.allclose(merged_rollout_maps(model, x, GRID), rollout_maps(model, x, GRID), atol=1e-5)
+    merged = merged_rollout_maps(apply_token_merging(model, 3), x, GRID)
+    assert_valid_maps(merged, 2)
+
+
 def test_merge_sources_without_merging_are_the_identity():
     sources = merge_sources(tiny_vit(), images())
     assert torch.equal(sources[:, 1:], torch.eye(16, dtype=torch.bool).expand(2, 16, 16))

@@ -23,18 +23,25 @@ from histotoken.explain.maps import normalise_maps
 
 
 @contextlib.contextmanager
-def recorded_attention(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward pass appends each block's attention (B, heads, N, N) to the list."""
+def recorded_attention(blocks: Sequence[nn.Module], events: list | None = None) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward pass appends each block's attention (B, heads, N, N) to the list.
+
+    With ``events``, each attention is also appended there as ``("attention", weights)``, in call order.
+    """
     attentions: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        attentions.append(args[0].detach().float())
+        if events is not None:
+            events.append(("attention", attentions[-1]))
+
     handles, fused = [], []
     try:
         for block in blocks:
             attn = block.attn
             fused.append((attn, getattr(attn, "fused_attn", False)))
             attn.fused_attn = False  # explicit softmax(q k^T), so that attn_drop sees the weights
-            handles.append(attn.attn_drop.register_forward_hook(
-                lambda module, args, output: attentions.append(args[0].detach().float())
-            ))
+            handles.append(attn.attn_drop.register_forward_hook(keep))
         yield attentions
     finally:
         for handle in handles:

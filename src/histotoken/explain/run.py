@@ -59,6 +59,8 @@ def model_kind(model: nn.Module) -> str:
 def methods_for(model: nn.Module, method: str = "auto") -> list[str]:
     """The map methods to compute for ``model``: ``rollout``, ``tokenlearner``, ``scorer``, ``gradcam``.
 
+    A ViT with token merging gets rollout through its merges (and a figure of the merged tokens).
+
     ``auto``: the model's own explanation (rollout for ViT/DeiT, the token maps of token-efficient
     models, Grad-CAM for everything else); ``all``: those plus Grad-CAM; ``rollout``, ``gradcam`` and
     ``tokens`` ask for one kind and fail with a clear message when the model has none.
@@ -67,7 +69,7 @@ def methods_for(model: nn.Module, method: str = "auto") -> list[str]:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHOD_CHOICES)}")
     kind = model_kind(model)
     token_methods = {"cnnprune": ["scorer"], "tokenlearner_vit": ["tokenlearner"], "tokenmixer": ["tokenlearner"]}
-    rollout_ok = kind == "vit" or (kind == "tokenlearner_vit" and model.learner_after > 0)
+    rollout_ok = kind in ("vit", "vit_merged") or (kind == "tokenlearner_vit" and model.learner_after > 0)
     gradcam_ok = kind not in ("vit_merged", "cnnprune", "tokenmixer", "tokenlearner_vit")
     native = token_methods.get(kind, []) + (["rollout"] if rollout_ok else [])
     if kind == "other":
@@ -82,7 +84,7 @@ def methods_for(model: nn.Module, method: str = "auto") -> list[str]:
         chosen = token_methods.get(kind, [])
     else:
         chosen = ["gradcam"] if gradcam_ok else []
-    if not chosen and kind != "vit_merged":
+    if not chosen:
         raise ValueError(f"--method {method} does not apply to {type(model).__name__}; use --method auto")
     return chosen
 
@@ -97,7 +99,11 @@ def compute_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
     maps: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
     for method in methods:
-        if method == "rollout":
+        if method == "rollout" and model_kind(model) == "vit_merged":
+            from histotoken.explain.tome_sources import merged_rollout_maps
+
+            maps[method] = merged_rollout_maps(model, images, grid_size)  # rollout through the merges
+        elif method == "rollout":
             blocks = list(model.blocks)
             if model_kind(model) == "tokenlearner_vit":
                 blocks = blocks[: model.learner_after]  # rollout up to the reduction layer

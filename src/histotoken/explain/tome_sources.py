@@ -35,13 +35,17 @@ class _SourceTracker:
         self.fractions = fractions
         self.size = torch.ones(batch, tokens, 1, dtype=torch.float64, device=x.device)
 
-    def wrap(self, matcher):
+    def wrap(self, matcher, events: list | None = None):
+        """``matcher`` whose merges also merge the source rows (and are appended to ``events``, if given)."""
+
         def matching(metric: torch.Tensor, r: int, num_prefix_tokens: int = 1):
             merge = matcher(metric, r, num_prefix_tokens)
 
             def merge_with_sources(x: torch.Tensor, size: torch.Tensor | None = None):
                 if size is None or self.fractions is None or self.fractions.shape[1] != x.shape[1]:
                     self.start(x)  # first merge of a forward pass: every patch token is its own source
+                if events is not None:
+                    events.append(("merge", merge, self.size))
                 self.fractions, self.size = merge(self.fractions, self.size)
                 return merge(x, size)
 
@@ -55,10 +59,10 @@ class _SourceTracker:
 
 
 @contextlib.contextmanager
-def _tracking(model: nn.Module) -> Iterator[_SourceTracker]:
+def _tracking(model: nn.Module, events: list | None = None) -> Iterator[_SourceTracker]:
     tracker = _SourceTracker(int(getattr(model, "num_prefix_tokens", 1)), int(model.patch_embed.num_patches))
     original = token_merging_module.bipartite_soft_matching
-    token_merging_module.bipartite_soft_matching = tracker.wrap(original)
+    token_merging_module.bipartite_soft_matching = tracker.wrap(original, events)
     try:
         yield tracker
     finally:
@@ -86,3 +90,33 @@ def source_label_maps(sources: torch.Tensor, grid_size: tuple[int, int]) -> torc
     """(B, T, P) sources -> (B, gh, gw) int: the index of the token that holds each patch (-1: none)."""
     holder = torch.where(sources.any(dim=1), sources.float().argmax(dim=1), torch.full(sources.shape[::2], -1))
     return holder.reshape(-1, *grid_size)
+
+
+def merged_rollout_maps(model: nn.Module, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Attention rollout through a ViT that merges tokens -> (B, gh, gw) maps over the input patches.
+
+    Rollout (see :mod:`histotoken.explain.rollout`) keeps a flow matrix R (tokens x input tokens). An
+    attention step maps it to ``A' R``; a merge replaces the rows of the merged tokens by their
+    size-weighted average, which is the model's own merge function applied to R. Attention and merges
+    are replayed in the order the forward pass ran them, wherever the model places its merges.
+    """
+    from histotoken.explain.maps import normalise_maps
+    from histotoken.explain.rollout import recorded_attention
+
+    events: list = []
+    blocks = list(model.blocks)
+    with torch.no_grad(), _tracking(model, events), recorded_attention(blocks, events):
+        model(images)
+    batch = images.shape[0]
+    num_tokens = int(getattr(model, "num_prefix_tokens", 1)) + int(model.patch_embed.num_patches)
+    flow = torch.eye(num_tokens, dtype=torch.float64).expand(batch, num_tokens, num_tokens).clone()
+    for event in events:
+        if event[0] == "merge":
+            _, merge, size = event
+            flow, _ = merge(flow, size)  # (B, T, N0) -> (B, T - r, N0): merged rows averaged by size
+        else:
+            mixed = event[1].double().mean(dim=1)  # (B, heads, T, T) -> (B, T, T)
+            mixed = 0.5 * mixed + 0.5 * torch.eye(mixed.shape[-1], dtype=mixed.dtype)
+            flow = (mixed / mixed.sum(dim=-1, keepdim=True)) @ flow
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return normalise_maps(flow[:, 0, prefix:].reshape(batch, *grid_size))
