@@ -17,7 +17,7 @@ RUN_DIR/explain/<domain>/ (or --out):
   TokenLearner-ViT     the TokenLearner's spatial maps, plus rollout up to the learner
   TokenMixer           the TokenLearner's spatial maps
   CNN-pruned ViT       the scorer's importance map and the patches the ViT kept
-  token merging        which input patches each merged token holds
+  token merging        rollout through the merges, and which patches each merged token holds
   CNN, Swin, Mixer     Grad-CAM (pytorch-grad-cam)
 
 explain.json scores every map with deletion and insertion curves (Petsiuk et al., RISE 2018)
