@@ -15,7 +15,7 @@ from histotoken.reporting import statistics as st
 from histotoken.reporting.blocks import Details, Heading, Note, Paragraph, Table
 from histotoken.reporting.formatting import MISSING, format_number
 from histotoken.reporting.sections.context import ReportSection, SectionContext
-from histotoken.reporting.tables import METRIC_LABELS
+from histotoken.reporting.tables import METRIC_LABELS, domain_sort_key
 
 HEADLINE = "macro_f1"
 METRIC_ORDER = ("macro_f1", "balanced_accuracy", "accuracy")
@@ -205,7 +205,10 @@ def _mixed_blocks(context: SectionContext, data, task: str) -> list:
 
 def _detail_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     order = {metric: rank for rank, metric in enumerate(METRIC_ORDER)}
-    rows = table.assign(rank=table["metric"].map(order)).sort_values([*keys, "rank"], kind="stable")
+    ranks = {f"_{key}": [domain_sort_key(v) if key.endswith("domain") else v for v in table[key]] for key in keys}
+    rows = table.assign(rank=table["metric"].map(order), **ranks)
+    positions = sorted(range(len(rows)), key=lambda i: (*(rows[f"_{k}"].iloc[i] for k in keys), rows["rank"].iloc[i]))
+    rows = rows.iloc[positions]
     shown = pd.DataFrame({key.replace("_", " "): rows[key] for key in keys})
     shown["metric"] = [METRIC_LABELS.get(m, m) for m in rows["metric"]]
     shown["A - B [95% interval]"] = [format_difference(d, lo, hi) for d, lo, hi in
