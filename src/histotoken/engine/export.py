@@ -130,7 +130,8 @@ def _export_failure(error: BaseException, fmt: str, model_name: str, method: str
     if running:  # exported, but the exported model fails on the check batches (e.g. a batch axis fixed at export)
         where = f"at operator {operator}" if operator else ""
         return ExportError(
-            f"the {fmt} export of {model_name} ({method}) fails to run on the check images {where} {detail}; "
+            f"the {fmt} export of {model_name} ({method}) cannot be loaded back or run on the check images "
+            f"{where} {detail}; "
             "no file was kept. Try another --format, or report the operator so the model family can avoid it."
         )
     what = f"operator {operator} has no {fmt} form in {method}" if operator else f"{method} failed"
