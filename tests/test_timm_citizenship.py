@@ -175,3 +175,22 @@ def test_forward_intermediates_match_feature_info(name):
         assert feature.shape[3] <= math.ceil(size[2] / reduction) + 1
         assert not torch.isnan(feature).any()
     torch.testing.assert_close(output, features)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_traced_forward_equals_eager(name):
+    # timm's FX checks trace with its registry of leaf modules and functions (register_notrace_*)
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    model = _built(name).eval()
+    leaf_modules = tuple(get_notrace_modules())
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, leaf_modules) or super().is_leaf_module(module, qualified_name)
+
+    graph = Tracer(autowrap_functions=tuple(get_notrace_functions())).trace(model)
+    traced = torch.fx.GraphModule(model, graph)
+    inputs = _images(1, _input_size(model, TARGET_JIT_SIZE))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(inputs), model(inputs))

@@ -27,9 +27,11 @@ used for the weighted sum, so ``tokens == weights @ x`` holds for every learner.
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_function
 from torch import nn
 
 
+@register_notrace_function  # shape-dependent branches: one opaque call in an FX graph
 def as_tokens(x: torch.Tensor, grid_size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Return ``x`` as tokens (B, N, C) and the grid (H, W) they come from.
 

@@ -20,6 +20,7 @@ carries its own position. Kept tokens are returned in their original (raster) or
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_function
 
 
 def gumbel_noise_like(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -40,6 +41,7 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
+@register_notrace_function  # shape checks and a data-dependent top-k: one opaque call in an FX graph
 def select_topk_tokens(
     tokens: torch.Tensor,
     scores: torch.Tensor,

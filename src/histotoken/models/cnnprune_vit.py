@@ -47,11 +47,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.topk import select_topk_tokens
 from histotoken.models.pretrained import create_donor, load_donor_weights, model_cfg
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 KEEP_RATIO_RANGE = (0.2, 1.0)
 
 
+@register_notrace_function  # shape-dependent branches: one opaque call in an FX graph
 def resize_to_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, gh, gw): area-average when shrinking, bilinear when growing."""
     if features.shape[-2] == grid_size[0] and features.shape[-1] == grid_size[1]:
@@ -70,6 +72,14 @@ def resize_to_grid(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.
     if features.shape[-2] >= grid_size[0] and features.shape[-1] >= grid_size[1]:
         return F.adaptive_avg_pool2d(features, grid_size)
     return F.interpolate(features, size=grid_size, mode="bilinear", align_corners=False)
+
+
+@register_notrace_function  # shape-dependent branch: one opaque call in an FX graph
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size) by area averaging; unchanged when already that size."""
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="area")
+    return images
 
 
 class PatchScorer(nn.Module):
@@ -107,8 +117,7 @@ class PatchScorer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
-            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="area")
+        images = resize_images(images, self.img_size)
         images = images.contiguous(memory_format=torch.channels_last)  # conv nets run faster so on CPU
         features = self.backbone(images)[-1]  # (B, C, h, w)
         features = resize_to_grid(features, self.grid_size)  # (B, C, gh, gw)
@@ -280,7 +289,7 @@ class CNNPruneViT(nn.Module):
                     grid = grid.transpose(1, 2).unflatten(2, self.patch_embed.grid_size)  # (B, D, H, W)
                 intermediates.append(grid)
         if not torch.jit.is_scripting():
-            self._record(scorer_logits, keep_prob, kept_indices, scores, int(x.shape[1]))
+            self._record(scorer_logits, keep_prob, kept_indices, scores, x.shape[1])
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,9 +323,11 @@ class CNNPruneViT(nn.Module):
         self, scorer_logits: torch.Tensor, keep_prob: torch.Tensor, kept_indices: torch.Tensor,
         scores: torch.Tensor, num_tokens: int,
     ) -> None:
-        """Keep what ``compute_loss`` and the reports need from this pass (eager only: TorchScript skips this)."""
+        """Keep what ``compute_loss`` and the reports need from this pass (eager only: TorchScript and FX skip this)."""
+        if is_fx_tracing():
+            return
         self._outputs = {"scorer_logits": scorer_logits, "keep_prob": keep_prob}
-        self.tokens_per_block = [num_tokens] * len(self.blocks)
+        self.tokens_per_block = [int(num_tokens)] * len(self.blocks)
         self.token_info = {"kept_indices": kept_indices.detach(), "scores": scores.detach()}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

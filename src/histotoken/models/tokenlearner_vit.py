@@ -33,6 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
 from histotoken.models.pretrained import load_donor_weights, model_cfg
@@ -208,8 +209,10 @@ class TokenLearnerViT(nn.Module):
 
     @torch.jit.unused
     def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
-        """Keep the token counts and attention maps of this pass (eager only: TorchScript skips this)."""
-        self.tokens_per_block = tokens_per_block
+        """Keep the token counts and attention maps of this pass (eager only: TorchScript and FX skip this)."""
+        if is_fx_tracing():
+            return
+        self.tokens_per_block = [int(count) for count in tokens_per_block]
         self.token_info = {"attention_maps": maps}
 
     def _fuse_tokens(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -238,7 +241,7 @@ class TokenLearnerViT(nn.Module):
             if index == self.learner_after:
                 x, patches, maps = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
             x = block(x)
-            tokens_per_block.append(int(x.shape[1]))
+            tokens_per_block.append(x.shape[1])
             if index in take_indices:
                 grid = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]  # (B, N, C)
                 if output_fmt == "NCHW":

@@ -35,6 +35,7 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.models.pretrained import load_donor_weights, model_cfg
 from histotoken.models.tokenlearner_vit import (
@@ -168,13 +169,15 @@ class TokenMixer(nn.Module):
         x = torch.cat([self.cls_token.expand(batch, -1, -1), learned], dim=1)  # (B, S, C) -> (B, 1 + S, C)
         x = self.blocks(x + self.slot_embed)
         if not torch.jit.is_scripting():
-            self._record([int(x.shape[1])] * len(self.blocks), weights.detach().unflatten(2, (height, width)))
+            self._record([x.shape[1]] * len(self.blocks), weights.detach().unflatten(2, (height, width)))
         return self.norm(x)
 
     @torch.jit.unused
     def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
-        """Keep the token counts and (B, S, H, W) attention maps of this pass (eager only: TorchScript skips this)."""
-        self.tokens_per_block = tokens_per_block
+        """Keep the token counts and (B, S, H, W) attention maps of this pass (eager only: TorchScript and FX skip this)."""
+        if is_fx_tracing():
+            return
+        self.tokens_per_block = [int(count) for count in tokens_per_block]
         self.token_info = {"attention_maps": maps}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
