@@ -2,7 +2,8 @@
 
 Written after timm's ``tests/test_models.py`` (pytorch-image-models), which tests each registered name
 for: a forward pass, a backward pass reaching every parameter, the default config of non-standard
-(token-output) models, TorchScript, and ``forward_intermediates`` for its ViTs. The names are every
+(token-output) models, TorchScript, ``forward_intermediates`` for its ViTs, and FX tracing (with
+timm's leaf registry; here traced output equals eager output). The names are every
 timm name whose entry point lives in ``histotoken``, so a new family is checked as soon as it
 registers. Input sizes follow timm's rule: the config's size when ``fixed_input_size``, else the
 config's size capped at the check's target (128 px backward/TorchScript, 96 px intermediates).
