@@ -251,6 +251,11 @@ def test_spec_with_a_stain_norm_factor_expands_into_runs_with_distinct_ids(tmp_p
     assert (config.stain_norm, config.stain_augment, config.stain_target) == (
         "macenko", "hed", str(tmp_path / "target.png"),
     )
+    # study tables keep the arms apart by label; the model part of the label finds its efficiency row
+    from histotoken.experiments.spec import model_label
+
+    assert {run.label(spec) for run in runs} == {"resnet18 [stain_norm=none]", "resnet18 [stain_norm=macenko]"}
+    assert {model_label(run.label(spec)) for run in runs} == {"resnet18"}
 
 
 @pytest.mark.parametrize(

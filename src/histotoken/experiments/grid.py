@@ -26,7 +26,7 @@ import yaml
 
 from histotoken import formats
 from histotoken.experiments import locks
-from histotoken.experiments.spec import PlannedRun, StudySpec, dump_spec, expand
+from histotoken.experiments.spec import PlannedRun, StudySpec, dump_spec, expand, model_label
 from histotoken.formats import RunPaths, StudyPaths
 from histotoken.io import atomic_write_json, atomic_write_text, read_json
 
@@ -285,7 +285,7 @@ def run_record(study_dir: Path, run: PlannedRun, spec: StudySpec,
         text = str(state)
     return {
         "run_id": run.run_id,
-        "model": run.model.label,
+        "model": run.label(spec),
         "model_name": run.model.name,
         "model_kwargs": json.dumps(run.model.kwargs_dict, sort_keys=True),
         "task": run.task,
@@ -315,7 +315,7 @@ def collect_study(spec: StudySpec, study_dir: str | Path, build_report: bool = T
     records = runs_table(spec, study_dir)
     atomic_write_text(paths.runs_table, records.to_csv(index=False))
     if efficiency:
-        trained = set(records.loc[records["status"] == "finished", "model"])
+        trained = {model_label(label) for label in records.loc[records["status"] == "finished", "model"]}
         measure_efficiency(spec, study_dir, [m for m in spec.models if m.label in trained])
     results_csv = collect_results(study_dir)
     report = None
@@ -356,7 +356,7 @@ def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = N
         return out
     base = spec.base_config()
     settings = {"batch_size": 16, "rounds": 3, **spec.efficiency}
-    num_classes = 2 if spec.tasks == ("binary",) else 8
+    num_classes = _largest_class_count(spec)
     logger.info("measuring efficiency of %d models at %d px", len(models), base.img_size)
     try:
         rows = benchmark_models(
@@ -370,6 +370,16 @@ def measure_efficiency(spec: StudySpec, study_dir: Path, models: list | None = N
     return out
 
 
+def _largest_class_count(spec: StudySpec) -> int:
+    """Classes of the study's largest task (the head size barely changes the cost; it must exist)."""
+    from histotoken.data.sources import task_classes
+
+    try:
+        return max(len(task_classes(task, spec.data, spec.data_format)[0]) for task in spec.tasks)
+    except (FileNotFoundError, ValueError):  # data not reachable here (e.g. collected elsewhere)
+        return 2 if spec.tasks == ("binary",) else 8
+
+
 def collect_results(study_dir: str | Path) -> Path:
     """Tidy results.csv from every run's eval/*.json (one row per run x test domain x metric)."""
     study_dir = Path(study_dir)
@@ -381,7 +391,7 @@ def collect_results(study_dir: str | Path) -> Path:
                 continue
             result = read_json(eval_file)
             for metric in RESULT_METRICS:
-                low, high = (result.get("ci95", {}).get(metric) or [None, None])
+                low, high = ((result.get("ci95") or {}).get(metric) or [None, None])  # null: --bootstrap 0
                 rows.append(
                     {
                         "run_id": run.run_id, "model": run.model, "task": run.task,

@@ -116,6 +116,17 @@ class PlannedRun:
     split_name: str  # seed<N> or fold<I>
     settings: tuple[tuple[str, Any], ...] = ()  # this run's values of the spec's factors
 
+    def label(self, spec: StudySpec) -> str:
+        """The model label in study tables, with the factors that vary: ``resnet18 [stain_norm=macenko]``.
+
+        Runs that differ only by a factor are different arms of the study, so every table that groups
+        by model keeps them apart. (Efficiency is a property of the model alone: ``model_label``.)
+        """
+        varying = [(key, value) for key, value in self.settings if len(spec.factors.get(key, ())) > 1]
+        if not varying:
+            return self.model.label
+        return f"{self.model.label} [{', '.join(f'{key}={value}' for key, value in varying)}]"
+
     def config(self, spec: StudySpec, splits_csv: Path) -> RunConfig:
         base = spec.base_config()
         if self.settings:
@@ -131,6 +142,11 @@ class PlannedRun:
             splits=str(splits_csv),
             seed=self.seed,
         )
+
+
+def model_label(label: str) -> str:
+    """The model part of a study-table label: ``resnet18 [stain_norm=macenko]`` -> ``resnet18``."""
+    return label.split(" [", 1)[0]
 
 
 def _model_text(model: ModelSpec) -> str:

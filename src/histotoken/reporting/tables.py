@@ -247,8 +247,10 @@ def join_efficiency(table: pd.DataFrame, efficiency: pd.DataFrame | None) -> pd.
     if efficiency is None:
         return table
     columns = ["model"] + [column for column in EFFICIENCY_COLUMNS if column in efficiency.columns]
-    per_model = efficiency[columns].drop_duplicates("model", keep="last")
-    return table.merge(per_model, on="model", how="left")
+    per_model = efficiency[columns].drop_duplicates("model", keep="last").rename(columns={"model": "_model"})
+    # a label may name a factor arm, "resnet18 [stain_norm=macenko]"; its cost is the model's
+    keyed = table.assign(_model=table["model"].astype(str).str.split(" [", n=1, regex=False).str[0])
+    return keyed.merge(per_model, on="_model", how="left").drop(columns="_model")
 
 
 def cross_domain_matrix(summary: pd.DataFrame, model: str, task: str, metric: str = "macro_f1") -> pd.DataFrame:
