@@ -49,7 +49,7 @@ from histotoken.formats import (
     TORCHSCRIPT_FILE,
     RunPaths,
 )
-from histotoken.io import atomic_write_json
+from histotoken.io import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -435,6 +435,8 @@ def export_run(
             "best_epoch": meta.get("epoch"),
             "merge_r": meta.get("eval_merge_r", 0),
             "trained_precision": meta.get("precision"),
+            # inputs must be stain-normalised like this before the exported model sees them
+            "stain_normalisation": read_json(paths.stain).get("method") if paths.stain.is_file() else None,
         },
     )
     target = Path(out_dir) if out_dir is not None else paths.export_dir(fmt)
