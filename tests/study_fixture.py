@@ -279,14 +279,14 @@ def write_study(
         stages = [1, 2, 2] if two_stage else [1, 1, 1]
         if failed:
             _write_json(run_dir / "status.json", {"state": "failed", "error": error, "best_epoch": None,
-                                                   "stages": [1]})
+                                                   "stages_done": [1]})
             continue
         metrics = _metrics_csv(rng, stages, quality)
         metrics.to_csv(run_dir / "metrics.csv", index=False)
         best_row = int(metrics["val/macro_f1"].idxmax())
         best_epoch = int(metrics["epoch"].iloc[best_row])  # epoch within its stage
         _write_json(run_dir / "status.json", {"state": "finished", "error": None, "best_epoch": best_epoch,
-                                               "stages": list(dict.fromkeys(stages))})
+                                               "stages_done": list(dict.fromkeys(stages))})
         _write_json(run_dir / "checkpoints" / "best.json", {
             "model_name": name, "model_kwargs": kwargs, "num_classes": len(SUBTYPES),
             "class_names": list(SUBTYPES), "task": TASK, "img_size": 64, "epoch": best_epoch,

@@ -97,6 +97,10 @@ def test_tile_train_predict_heatmap_on_two_slides(slide_set, tmp_path):
     assert list(cli_scores["slide"]) == [NORMAL_SLIDE]
     assert cli_scores["score_max"].iloc[0] == pytest.approx(scores.loc[NORMAL_SLIDE, "score_max"], abs=1e-5)
     assert (cli_out / formats.SLIDE_HEATMAPS_DIR / f"{NORMAL_SLIDE}.png").is_file()
+    # the slide report shows each heatmap beside the slide's tissue view, one self-contained page
+    report = (cli_out / formats.REPORT_HTML).read_text()
+    assert report.count("data:image/png;base64,") == 1 and NORMAL_SLIDE in report
+    assert "No slide labels were given" in report  # no --labels here: no metrics, and it says so
 
 
 def test_slide_scores_are_the_maximum_and_top_k_mean():

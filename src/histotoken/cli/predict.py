@@ -88,4 +88,7 @@ def predict_slides_for_cli(args, run_dir, slides, out_dir) -> None:
         auroc = "n/a" if evaluation["auroc"] is None else f"{evaluation['auroc']:.3f}{interval}"
         print(f"slides: AUROC {auroc}, accuracy {evaluation['accuracy']:.3f} ({evaluation['n_slides']} slides, "
               f"{evaluation['slide_score']} score)")
-    print(f"slide outputs written to {out_dir}")
+    from histotoken.reporting.slides import build_slide_report
+
+    report = build_slide_report(out_dir)
+    print(f"slide outputs written to {out_dir}; heatmaps next to the annotations in {report}")
