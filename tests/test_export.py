@@ -195,3 +195,17 @@ def test_export_run_falls_back_to_random_images_without_the_data(tmp_path):
     result = export_run(run, "torchscript", tmp_path / "out")
     assert result.check_source == "random images"
     assert (tmp_path / "out" / EXPORT_MANIFEST).is_file()
+
+
+def test_timm_export_of_a_merged_model_keeps_merging_out_of_the_model_args(tmp_path):
+    kwargs = {"patch_size": 8, "depth": 2, "merge_r": 2, "merge_mode": "pre_attention"}
+    info = ExportInfo(
+        "deit_tiny_patch16_224", CLASSES, IMG, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), kwargs,
+        {"merge_r": 2, "merge_mode": "pre_attention"},
+    )
+    export_model(build("deit_tiny_patch16_224", kwargs), "timm", tmp_path, info, check_images())
+    model_args = json.loads((tmp_path / TIMM_CONFIG_FILE).read_text())["model_args"]
+    assert "merge_r" not in model_args and "merge_mode" not in model_args
+    note = json.loads((tmp_path / EXPORT_MANIFEST).read_text())["token_merging"]
+    assert note["in_file"] is False
+    assert note["apply"] == "histotoken.models.apply_token_merging(model, 2, mode='pre_attention')"

@@ -194,10 +194,10 @@ def export_timm(model: nn.Module, out_dir: Path, info: ExportInfo) -> str:
 
 
 def _serialisable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Model arguments that rebuild the architecture: histotoken's merge_r and donor-weight files dropped."""
+    """Model arguments that rebuild the architecture: histotoken's merge_r/merge_mode and donor-weight files dropped."""
     return {
         key: value for key, value in kwargs.items()
-        if key != "merge_r" and not key.endswith(("pretrained_file", "pretrained_donor"))
+        if key not in ("merge_r", "merge_mode") and not key.endswith(("pretrained_file", "pretrained_donor"))
     }
 
 
@@ -389,9 +389,13 @@ def _merging_note(fmt: str, info: ExportInfo) -> dict[str, Any] | None:
     merge_r = int(info.source.get("merge_r", 0) or 0)
     if not merge_r:
         return None
+    mode = str(info.source.get("merge_mode") or info.model_kwargs.get("merge_mode") or "tome")
     if fmt == "timm":
-        return {"merge_r": merge_r, "in_file": False, "apply": f"histotoken.models.apply_token_merging(model, {merge_r})"}
-    return {"merge_r": merge_r, "in_file": True}
+        return {
+            "merge_r": merge_r, "merge_mode": mode, "in_file": False,
+            "apply": f"histotoken.models.apply_token_merging(model, {merge_r}, mode={mode!r})",
+        }
+    return {"merge_r": merge_r, "merge_mode": mode, "in_file": True}
 
 
 # --------------------------------------------------------------------------- a run folder
@@ -434,6 +438,7 @@ def export_run(
             "train_domain": meta.get("train_domain"),
             "best_epoch": meta.get("epoch"),
             "merge_r": meta.get("eval_merge_r", 0),
+            "merge_mode": getattr(model, "merge_mode", None),
             "trained_precision": meta.get("precision"),
             # inputs must be stain-normalised like this before the exported model sees them
             "stain_normalisation": read_json(paths.stain).get("method") if paths.stain.is_file() else None,
