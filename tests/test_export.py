@@ -22,10 +22,6 @@ from tests.run_fixture import make_run, write_image
 IMG = 32
 CLASSES = ("benign", "malignant", "other")
 TOLERANCE = 1e-4
-TOME_ONNX_REASON = (
-    "token merging (layers/token_merging.py) builds index tensors whose batch size the ONNX trace "
-    "fixes, and index_add with repeated indices has no faithful TorchScript-ONNX symbolic"
-)
 DONOR_REASON = (
     "our families' factories load donor weights (or refuse) for pretrained=True and ignore "
     "pretrained_cfg_overlay['file'] (models/, another helper's fix)"
@@ -81,7 +77,7 @@ def _cases(fmt: str, expected_failures: dict[str, str]):
         yield pytest.param(name, kwargs, id=label, marks=marks)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), _cases("onnx", {"deit_tiny_merged": TOME_ONNX_REASON}))
+@pytest.mark.parametrize(("name", "kwargs"), _cases("onnx", {}))
 def test_onnx_export_reproduces_pytorch_logits(name, kwargs, tmp_path):
     result = export_model(build(name, kwargs), "onnx", tmp_path, info_for(name, kwargs), check_images())
     assert result.max_abs_diff <= TOLERANCE
@@ -209,3 +205,51 @@ def test_timm_export_of_a_merged_model_keeps_merging_out_of_the_model_args(tmp_p
     note = json.loads((tmp_path / EXPORT_MANIFEST).read_text())["token_merging"]
     assert note["in_file"] is False
     assert note["apply"] == "histotoken.models.apply_token_merging(model, 2, mode='pre_attention')"
+
+
+def test_onnx_export_of_a_merged_vit_runs_at_other_batch_sizes(tmp_path):
+    import onnxruntime
+
+    kwargs = {"patch_size": 8, "depth": 2, "merge_r": 4}  # 16 patches: 4 merged per block, into shared targets
+    model = build("deit_tiny_patch16_224", kwargs)
+    export_model(model, "onnx", tmp_path, info_for("deit_tiny_patch16_224", kwargs), check_images())
+    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))  # exported at batch 2
+    with torch.no_grad():
+        expected = model(images)
+    assert model.tokens_per_block == [17, 13]  # tokens were merged in the PyTorch reference
+    exported = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    torch.testing.assert_close(exported, expected, atol=TOLERANCE, rtol=0)
+
+
+class _Merge(nn.Module):
+    """One bipartite matching step on the tokens themselves (1 prefix token): merged tokens and sizes."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from histotoken.layers.token_merging import bipartite_soft_matching
+
+        return bipartite_soft_matching(x, 3, num_prefix_tokens=1)(x)
+
+
+def test_onnx_token_merge_sums_several_tokens_into_one_at_any_batch_size(tmp_path):
+    import onnxruntime
+
+    def tokens(batch: int, seed: int) -> torch.Tensor:
+        # B tokens (odd positions 1, 3, 5, 7) are the unit vectors; every A token lies near the first of them
+        x = torch.zeros(batch, 9, 4)
+        x[:, 1::2] = torch.eye(4)
+        x[:, 2::2] = torch.tensor([1.0, 0, 0, 0]) + 0.1 * torch.rand(batch, 4, 4, generator=torch.Generator().manual_seed(seed))
+        return x
+
+    path = tmp_path / "merge.onnx"
+    torch.onnx.export(
+        _Merge(), (tokens(2, 0),), str(path), dynamo=False, opset_version=17, input_names=["x"],
+        output_names=["merged", "size"], dynamic_axes={"x": {0: "batch"}, "merged": {0: "batch"}, "size": {0: "batch"}},
+    )
+    x = tokens(3, 1)
+    merged, size = _Merge()(x)
+    assert size[:, :, 0].max(dim=1).values.tolist() == [4.0, 4.0, 4.0]  # three A tokens joined one B token
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_merged, onnx_size = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_size), size, atol=0, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(onnx_merged), merged, atol=1e-6, rtol=0)

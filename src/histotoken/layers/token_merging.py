@@ -51,7 +51,7 @@ def max_merge_per_step(num_tokens: int, num_prefix_tokens: int) -> int:
 def _keep_all(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The merge of ``r = 0``: tokens unchanged, sizes all ones when not given."""
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        size = torch.ones_like(x[..., :1], dtype=torch.float32)  # (B, N, 1)
     return x, size
 
 
@@ -70,7 +70,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         token takes the place of its B token), each group in input order. ``merge`` is differentiable in ``x``; the matching
         itself is a discrete choice without gradient. With ``r == 0`` nothing is merged.
     """
-    batch, num_tokens, _ = metric.shape
+    num_tokens = metric.shape[1]
     r = min(r, max_merge_per_step(num_tokens, num_prefix_tokens))
     if r <= 0:
         return _keep_all
@@ -81,7 +81,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         # cosine similarity = dot product of unit vectors
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, N, C)
         set_a, set_b = metric[:, a_start::2], metric[:, b_start::2]  # (B, Na, C), (B, Nb, C)
-        num_a, num_b = set_a.shape[1], set_b.shape[1]
+        num_a = set_a.shape[1]
         similarity = set_a @ set_b.transpose(1, 2)  # (B, Na, Nb)
         best_similarity, best_b = similarity.max(dim=-1)  # (B, Na) each: every A token's best B
         order = best_similarity.argsort(dim=-1, descending=True)  # most similar pairs first
@@ -91,36 +91,42 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         moving_pos = a_start + 2 * merged_a  # (B, r) tokens that disappear into a B token
         target_b = best_b.gather(1, merged_a)  # (B, r) the B token each one joins
         target_pos = b_start + 2 * target_b
-        device = metric.device
-        prefix_pos = torch.arange(p, device=device).expand(batch, p)
-        b_pos = torch.arange(b_start, num_tokens, 2, device=device).expand(batch, num_b)
+        # Index tensors are built from tensors of this batch (broadcasting, cumsum), never from its size
+        # as a Python number, so a traced/ONNX-exported model keeps a dynamic batch axis.
+        first = order[:, :1]  # (B, 1)
+        zero = first - first  # (B, 1) zeros
+        prefix_pos = zero + torch.arange(p, device=metric.device)  # (B, p)
+        b_pos = zero + torch.arange(b_start, num_tokens, 2, device=metric.device)  # (B, Nb)
         keep_pos = torch.cat([prefix_pos, a_start + 2 * kept_a, b_pos], dim=1)  # (B, N - r)
         target_slot = p + (num_a - r) + target_b  # (B, r) output slot of each target: after prefix and kept A
-        # flat row numbers into (B * N, C) inputs and (B * (N - r), C) outputs: index_select and
-        # index_add on rows are several times faster on CPU than gather/scatter with expanded indices
-        in_rows = torch.arange(batch, device=device)[:, None] * num_tokens
-        out_rows = torch.arange(batch, device=device)[:, None] * (num_tokens - r)
+        # flat row numbers into (B * N, C) inputs and (B * (N - r), C) outputs: index_select on rows
+        # is several times faster on CPU than gather with expanded indices
+        sample = torch.cumsum(zero + 1, dim=0) - 1  # (B, 1): 0, 1, ..., B - 1
+        in_rows = sample * num_tokens
+        out_rows = sample * (num_tokens - r)
         keep_rows = (keep_pos + in_rows).flatten()  # (B * (N - r),)
         moving_rows = (moving_pos + in_rows).flatten()  # (B * r,)
         target_rows = (target_pos + in_rows).flatten()  # (B * r,)
         pair_rows = torch.cat([moving_rows, target_rows])  # (2 * B * r,): read both in one pass
-        target_out_rows = (target_slot + out_rows).flatten()  # (B * r,)
+        target_out_rows = (target_slot + out_rows).flatten()[:, None]  # (B * r, 1)
 
     def merge(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         channels = x.shape[-1]
         if size is None:
-            size = x.new_ones(batch, num_tokens, 1, dtype=torch.float32)
+            size = torch.ones_like(x[..., :1], dtype=torch.float32)  # (B, N, 1)
         rows, size_rows = x.reshape(-1, channels), size.reshape(-1, 1)  # (B * N, C), (B * N, 1)
         # The only full-size pass copies the kept tokens. The r merges then touch r rows each, with
         # new = old + sum_m (x_m - old) * size_m / size_new, which equals sum(size * x) / sum(size).
+        # Sums over repeated targets (several A tokens into one B) use scatter_add, whose ONNX form
+        # (ScatterElements, reduction "add") adds repeated indices as PyTorch does; index_add's does not.
         merged = rows.index_select(0, keep_rows)  # (B * (N - r), C)
         moving_size = size_rows.index_select(0, moving_rows)  # (B * r, 1)
-        new_size = size_rows.index_select(0, keep_rows).index_add(0, target_out_rows, moving_size)
-        share = moving_size / new_size.index_select(0, target_out_rows)  # (B * r, 1)
+        new_size = size_rows.index_select(0, keep_rows).scatter_add(0, target_out_rows, moving_size)
+        share = moving_size / new_size.gather(0, target_out_rows)  # (B * r, 1)
         moving, target = rows.index_select(0, pair_rows).chunk(2)  # (B * r, C) each
         delta = (moving - target) * share  # (B * r, C)
-        merged.index_add_(0, target_out_rows, delta.to(merged.dtype))
-        return merged.view(batch, num_tokens - r, channels), new_size.view(batch, num_tokens - r, 1)
+        merged.scatter_add_(0, target_out_rows.expand(-1, channels), delta.to(merged.dtype))
+        return merged.view(-1, num_tokens - r, channels), new_size.view(-1, num_tokens - r, 1)
 
     return merge
 
