@@ -22,10 +22,6 @@ from tests.run_fixture import make_run, write_image
 IMG = 32
 CLASSES = ("benign", "malignant", "other")
 TOLERANCE = 1e-4
-DONOR_REASON = (
-    "our families' factories load donor weights (or refuse) for pretrained=True and ignore "
-    "pretrained_cfg_overlay['file'] (models/, another helper's fix)"
-)
 
 # (label, timm name, model kwargs)
 FAMILIES = [
@@ -94,7 +90,7 @@ def test_torchscript_export_reproduces_pytorch_logits(name, kwargs, tmp_path):
     assert loaded(torch.zeros(5, 3, IMG, IMG)).shape == (5, len(CLASSES))
 
 
-@pytest.mark.parametrize(("name", "kwargs"), _cases("timm", {label: DONOR_REASON for label in OUR_DONOR_FAMILIES}))
+@pytest.mark.parametrize(("name", "kwargs"), _cases("timm", {}))
 def test_timm_folder_loads_with_timm_create_model(name, kwargs, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -115,6 +111,26 @@ def test_timm_folder_loads_with_timm_create_model(name, kwargs, tmp_path, monkey
     ).eval()
     own = {k: v for k, v in model.state_dict().items()}
     assert all(torch.equal(own[k], v) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("label", sorted(OUR_DONOR_FAMILIES))
+def test_timm_folder_of_our_family_loads_through_local_dir_without_donors(label, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a donor fetch would fail
+    _, name, kwargs = next(family for family in FAMILIES if family[0] == label)
+    model = build(name, kwargs)
+    export_model(model, "timm", tmp_path, info_for(name, kwargs), check_images())
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tokenlearner_vit_mini", "vit_mini_patch4_32"])
+def test_mini_families_without_a_weights_file_still_refuse_pretrained(name):
+    with pytest.raises(ValueError, match="no published pretrained weights"):
+        timm.create_model(name, pretrained=True)
 
 
 def test_timm_folder_loads_through_local_dir(tmp_path, monkeypatch):

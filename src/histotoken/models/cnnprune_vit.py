@@ -55,7 +55,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.topk import select_topk_tokens
-from histotoken.models.pretrained import create_donor, load_donor_weights, model_cfg
+from histotoken.models.pretrained import create_donor, load_donor_weights, model_cfg, names_own_weights
 
 __all__ = ["CNNPruneViT", "PatchScorer"]
 
@@ -393,6 +393,8 @@ def _create_cnnprune_vit(
 ) -> CNNPruneViT:
     vit_file = kwargs.pop("vit_pretrained_file", None)
     cnn_file = kwargs.pop("cnn_pretrained_file", None)
+    if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
+        return build_model_with_cfg(CNNPruneViT, variant, pretrained=True, **kwargs)
     model = build_model_with_cfg(
         CNNPruneViT,
         variant,

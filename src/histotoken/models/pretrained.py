@@ -4,7 +4,8 @@ Our families have no published weights of their own; with ``pretrained=True`` th
 blocks, patch embedding or CNN scorer start from a timm model's weights, fetched from the
 Hugging Face hub or read from a local file. The donor is built by timm itself with our grid
 (``img_size``, ``patch_size``), so timm's checkpoint filters resample position embeddings and
-patch kernels.
+patch kernels. A pretrained cfg that names weights of our model itself (a file or folder written by
+``histotoken export --format timm``) loads those instead (:func:`names_own_weights`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,23 @@ def load_donor_weights(
     model.load_state_dict(copied, strict=False)
     logger.info("initialised %d of %d tensors of %s from %s", len(copied), len(own), type(model).__name__, donor)
     return sorted(copied)
+
+
+_WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")  # PretrainedCfg fields that locate weights
+
+
+def names_own_weights(variant: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the pretrained cfg reaching ``variant``'s factory names weights of the model itself.
+
+    Our families' registered cfgs name none, so ``pretrained=True`` means donor weights. A caller's
+    ``pretrained_cfg_overlay=dict(file=...)``, ``timm.create_model("local-dir:DIR")`` or ``"hf-hub:ID"``
+    (a folder written by ``histotoken export --format timm``) does: then the factory loads those weights
+    with timm's ``build_model_with_cfg(..., pretrained=True)`` and no donor is fetched.
+    """
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    return any(getattr(cfg, key, None) for key in _WEIGHT_SOURCES)
 
 
 def model_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:

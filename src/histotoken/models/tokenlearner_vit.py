@@ -36,7 +36,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
-from histotoken.models.pretrained import load_donor_weights, model_cfg
+from histotoken.models.pretrained import load_donor_weights, model_cfg, names_own_weights
 
 __all__ = ["TokenLearnerViT", "make_blocks", "make_head", "make_token_learner", "pool_tokens"]
 
@@ -293,6 +293,8 @@ class TokenLearnerViT(nn.Module):
 def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
     donor = kwargs.pop("pretrained_donor", None) or PRETRAINED_DONORS[variant]
     pretrained_file = kwargs.pop("pretrained_file", None)
+    if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
+        return build_model_with_cfg(TokenLearnerViT, variant, pretrained=True, **kwargs)
     # Our own cfg has no weights: timm builds the model untrained, the donor supplies the ViT parts.
     model = build_model_with_cfg(TokenLearnerViT, variant, pretrained=False, **kwargs)
     if pretrained:
@@ -346,10 +348,17 @@ MINI_ARGS = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
 @register_model
 def tokenlearner_vit_mini(pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
     """Mini ViT for 32 px (patch 4, 4 blocks of width 128), 64 patch tokens -> 8 learned tokens after block 2."""
-    if pretrained:
-        raise ValueError("tokenlearner_vit_mini has no pretrained weights; it is trained from scratch (CIFAR-10 prototyping)")
+    _check_mini_pretrained("tokenlearner_vit_mini", pretrained, kwargs)
     model_args = dict(MINI_ARGS, num_tokens=8, learner_after=2)
-    return build_model_with_cfg(TokenLearnerViT, "tokenlearner_vit_mini", pretrained=False, **dict(model_args, **kwargs))
+    return build_model_with_cfg(TokenLearnerViT, "tokenlearner_vit_mini", pretrained, **dict(model_args, **kwargs))
+
+
+def _check_mini_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    if pretrained and not names_own_weights(variant, kwargs):
+        raise ValueError(
+            f"{variant} has no published pretrained weights; it is trained from scratch (CIFAR-10 prototyping), "
+            "or loaded from a local file with pretrained_cfg_overlay=dict(file=PATH)"
+        )
 
 
 class TokenCountingViT(VisionTransformer):
@@ -392,6 +401,5 @@ class TokenCountingViT(VisionTransformer):
 @register_model
 def vit_mini_patch4_32(pretrained: bool = False, **kwargs: Any) -> TokenCountingViT:
     """The same mini ViT without TokenLearner (all 64 patch tokens in every block): timm's VisionTransformer."""
-    if pretrained:
-        raise ValueError("vit_mini_patch4_32 has no pretrained weights; it is trained from scratch (CIFAR-10 prototyping)")
-    return build_model_with_cfg(TokenCountingViT, "vit_mini_patch4_32", pretrained=False, **dict(MINI_ARGS, **kwargs))
+    _check_mini_pretrained("vit_mini_patch4_32", pretrained, kwargs)
+    return build_model_with_cfg(TokenCountingViT, "vit_mini_patch4_32", pretrained, **dict(MINI_ARGS, **kwargs))

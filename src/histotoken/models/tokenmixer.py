@@ -22,7 +22,8 @@ Notes:
   the positions themselves are already encoded in the convolutional features (zero padding).
 - ``pretrained=True`` initialises the transformer blocks, final norm and class token from DeiT
   (``deit_small_patch16_224`` for small, ``deit_tiny_patch16_224`` for tiny, first ``depth``
-  blocks); the convolutional stem and the TokenLearner start from scratch.
+  blocks); the convolutional stem and the TokenLearner start from scratch. A pretrained cfg that names
+  weights of the model itself (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``) loads those instead.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from histotoken.models.pretrained import load_donor_weights, model_cfg
+from histotoken.models.pretrained import load_donor_weights, model_cfg, names_own_weights
 from histotoken.models.tokenlearner_vit import (
     check_global_pool,
     init_weights,
@@ -191,6 +192,8 @@ class TokenMixer(nn.Module):
 def _create_tokenmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenMixer:
     donor = kwargs.pop("pretrained_donor", None) or PRETRAINED_DONORS[variant]
     pretrained_file = kwargs.pop("pretrained_file", None)
+    if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
+        return build_model_with_cfg(TokenMixer, variant, pretrained=True, **kwargs)
     model = build_model_with_cfg(TokenMixer, variant, pretrained=False, **kwargs)
     if pretrained:
         load_donor_weights(model, donor, pretrained_file, prefixes=("blocks.", "norm.", "cls_token"))
