@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## synthetic BreakHis -> model grid -> report.html
 	$(BIN)/histotoken demo --out $(DEMO_OUT)
 
-test: $(STAMP)  ## the whole test suite (CPU, tiny images and models)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the whole test suite (CPU, tiny images and models), in two processes of one thread each
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

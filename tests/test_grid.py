@@ -134,11 +134,13 @@ def test_demo_spec_runs_end_to_end_at_a_smaller_budget(tmp_path):
             "train_domains": ["100", "100+400"],
             "protocol": {"img_size": 32, "epochs": 1, "batch_size": 16, "bootstrap": 100},
             "efficiency": {"batch_size": 2, "rounds": 1},
+            "explain": {"n": 4, "steps": 4, "random_orders": 1},
         },
     )
     assert outcome.report is not None and outcome.report.is_file()
     html = outcome.report.read_text()
     assert "synthetic" in html.lower()
+    assert "What the models look at" in html  # the demo explains every run, and the report shows it
     assert (outcome.runs["status"] == "finished").all()
     results = pd.read_csv(outcome.results_csv)
     assert set(results["test_domain"].astype(str)) == {"100", "400", "100+400"}

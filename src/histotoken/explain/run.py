@@ -211,6 +211,7 @@ def explain_run(
     from histotoken.data.dataset import ImageStore, class_column
     from histotoken.data.domains import domain_name, select_domain
     from histotoken.data.splits import read_split
+    from histotoken.data.stain import saved_stain_normaliser
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.evaluate import load_best_model
     from histotoken.explain.tsne import pooled_features_and_logits, tsne_embedding
@@ -229,7 +230,11 @@ def explain_run(
     test_all = split[split["split"] == "test"].reset_index(drop=True)
     if test_all.empty:
         raise ValueError(f"{paths.splits} has no test images; explanations need a test split")
-    store = ImageStore.build(test_all, meta["img_size"])
+    # the run's decoded store (same universe and stain normalisation as its evaluation): nothing decoded again
+    preprocess, preprocess_key = saved_stain_normaliser(paths.root)
+    store = ImageStore.build(
+        test_all, meta["img_size"], universe=split, preprocess=preprocess, preprocess_key=preprocess_key
+    )
     frame = store.frame
     names = list(meta["class_names"])
     column = meta.get("class_column") or class_column(meta["task"])
