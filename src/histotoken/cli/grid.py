@@ -30,7 +30,7 @@ Clusters and several machines:
   report with --collect.
 
 Study files shipped with histotoken (see configs/): demo.yaml, magnification_study.yaml,
-token_efficiency_study.yaml.
+token_efficiency_study.yaml, cifar10_tokenlearner.yaml, cifar10_pruning.yaml.
 
 Examples:
   histotoken grid configs/magnification_study.yaml --data ~/data/BreaKHis --out studies/mag

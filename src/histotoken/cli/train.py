@@ -5,8 +5,9 @@ from __future__ import annotations
 from histotoken.cli.common import EPILOG_DOMAINS, add_command, add_data_options
 
 DESCRIPTION = f"""\
-Train one image classifier on a BreakHis folder and evaluate it on the test patients of
-its train domain. Any timm model name works (resnet18, deit_small_patch16_224,
+Train one image classifier on a BreakHis folder (or an ImageFolder tree, CIFAR-10 binary
+batches or a `histotoken tile` folder) and evaluate it on the test patients of its train
+domain. Any timm model name works (resnet18, deit_small_patch16_224,
 vit_small_patch16_224, swin_tiny_patch4_window7_224, mixer_s16_224, convmixer_768_32, ...)
 and so do histotoken's token-efficient families (tokenlearner_vit_small, tokenmixer_small,
 cnnprune_vit_small, ...). Model arguments go after a colon: cnnprune_vit_small:keep_ratio=0.5.
