@@ -34,36 +34,10 @@ def test_metric_values_equal_scikit_learn():
         assert values[name] == pytest.approx(function(predictions.y_true, predictions.y_pred))
 
 
-@pytest.mark.parametrize("stratified", [False, True])
-def test_each_patient_resample_equals_scikit_learn_on_the_drawn_images(stratified):
-    predictions = random_predictions(np.random.default_rng(1), per_patient=3)
-    unique = np.unique(predictions.patients)
-    strata = st.patient_classes([predictions], unique) if stratified else None
-    unique, draws = st.patient_draws(predictions.patients, 20, np.random.default_rng(2), strata)
-    index = st.image_index(predictions.patients, unique, draws)
-    values = st.resampled_metrics(predictions, unique, draws, num_classes=4)
-    for row in range(20):
-        rows = index[row][index[row] >= 0]
-        assert len(rows) == 3 * len(unique)  # whole patients, all of their images
-        for name, function in SKLEARN.items():
-            expected = function(predictions.y_true[rows], predictions.y_pred[rows])
-            assert values[name][row] == pytest.approx(expected)
+def test_the_report_reads_its_statistics_from_the_one_stats_module():
+    from histotoken import stats
 
-
-def test_stratified_draws_keep_each_class_s_number_of_patients():
-    predictions = random_predictions(np.random.default_rng(9), n_patients=16)
-    unique = np.unique(predictions.patients)
-    classes = st.patient_classes([predictions], unique)
-    _, draws = st.patient_draws(predictions.patients, 50, np.random.default_rng(3), classes)
-    for draw in draws:
-        assert sorted(classes[draw]) == sorted(classes)
-
-
-def test_a_class_with_a_single_test_patient_turns_stratification_off():
-    one_each = st.Predictions(np.arange(4), np.arange(4), np.asarray(["a", "b", "c", "d"]))
-    assert st.class_strata([one_each], np.unique(one_each.patients)) is None
-    two_each = st.Predictions(np.repeat(np.arange(2), 2), np.zeros(4, int), np.asarray(["a", "b", "c", "d"]))
-    assert list(st.class_strata([two_each], np.unique(two_each.patients))) == [0, 0, 1, 1]
+    assert st.pooled_interval is stats.pooled_interval and st.paired_difference is stats.paired_difference
 
 
 def test_a_pooled_interval_with_two_test_patients_per_class_still_contains_the_mean():
@@ -266,3 +240,28 @@ def test_a_study_without_predictions_files_gets_a_note(tmp_path):
 
     study = write_study(tmp_path, with_predictions=False, with_images=False)
     assert "No run folder holds per-image predictions" in statistics_markdown(study)
+
+
+def test_evaluation_notes_appear_next_to_the_numbers_in_the_report(tmp_path):
+    import json
+
+    from histotoken.formats import RunPaths
+    from histotoken.reporting.blocks import Section
+    from histotoken.reporting.render import render_markdown
+    from histotoken.reporting.sections import SectionContext, in_domain
+    from histotoken.reporting.study import load_study
+    from tests.study_fixture import write_study
+
+    study = write_study(tmp_path, train_domains=("100",), test_domains=("100", "400"), failed_run=None,
+                        with_images=False)
+    files = load_study(study)
+    run_id, folder = files.run_folders()[0]
+    note = "fewer than 5 test patients per class (adenosis 1): the metrics rest on very few patients"
+    for domain in ("100", "400"):
+        path = RunPaths(folder).eval_file(domain)
+        evaluation = json.loads(path.read_text())
+        path.write_text(json.dumps({**evaluation, "notes": [f"{note} at {domain}"]}))
+    context = SectionContext(load_study(study))
+    shown = render_markdown("t", [Section("in_domain", "In-domain", in_domain.build(context))], None)
+    assert f"{run_id} on 100: {note} at 100" in shown and "at 400" not in shown  # in-domain only
+    assert f"{run_id} on 400: {note} at 400" in statistics_markdown(study)

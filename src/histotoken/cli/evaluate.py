@@ -9,7 +9,9 @@ Evaluate a run's best checkpoint on the test patients of its frozen split, at th
 magnification(s) you name: the train domain (in-domain) or another one (cross-domain).
 Writes RUN_DIR/eval/<domain>.json with accuracy, balanced accuracy, macro-F1, per-class
 precision/recall/F1, the confusion matrix, patient-level accuracy (the BreakHis patient
-recognition rate) and 95% bootstrap intervals over test patients.
+recognition rate), 95% bootstrap intervals over test patients (drawn within each class
+when every class has two or more) and notes on what the numbers cannot support (fewer than
+5 test patients of a class, degenerate intervals); the notes are printed too.
 {EPILOG_DOMAINS}
 
 Examples:
@@ -37,9 +39,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from histotoken.engine.evaluate import eval_path, evaluate_run
+    from histotoken.engine.run_lock import run_lock
 
     for domain in args.domain:
-        result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
+        with run_lock(args.run_dir, "evaluate"):  # one writer per run folder
+            result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
         interval = ""
         if result["ci95"]:
             lo, hi = result["ci95"]["macro_f1"]
@@ -49,5 +53,7 @@ def run(args) -> int:
             f"{result['accuracy']:.3f}, balanced accuracy {result['balanced_accuracy']:.3f}, patient accuracy "
             f"{result['patient_accuracy']:.3f} ({result['n_images']} images, {result['n_patients']} patients)"
         )
+        for note in result.get("notes") or []:
+            print(f"  NOTE: {note}")
         print(f"written to {eval_path(Path(args.run_dir), domain, args.merge_r, result['trained_merge_r'])}")
     return 0

@@ -14,7 +14,9 @@ patient 14-13412 appears under two subtypes; it stays on one side.
 
 --scheme image splits images at random. Images of one patient then land in train and test
 (often near-identical fields of view), which inflates scores; use it only to reproduce
-published protocols that did this.
+published protocols that did this. The file then records the scheme (column scheme=image); a
+split file without it that puts a patient on two sides is refused by train and evaluate.
+A class that gets no validation or no test patients is warned about.
 
 Examples:
   histotoken split ~/data/BreaKHis --out splits.csv --seed 1
@@ -38,7 +40,13 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from histotoken.data.index import load_index
-    from histotoken.data.splits import IMAGE_SCHEME_WARNING, make_split, split_summary, write_split
+    from histotoken.data.splits import (
+        IMAGE_SCHEME_WARNING,
+        empty_side_warnings,
+        make_split,
+        split_summary,
+        write_split,
+    )
 
     result = load_index(args.data_root, data_format=args.data_format or "auto", groups=args.groups)
     split = make_split(result.frame, args.scheme, args.val, args.test, args.folds, args.fold, args.seed)
@@ -48,6 +56,8 @@ def run(args) -> int:
         print(f"WARNING: {warn_ungrouped(args.data_root)}")
     if args.scheme == "image":
         print(f"WARNING: {IMAGE_SCHEME_WARNING}")
+    for warning in empty_side_warnings(split):
+        print(f"WARNING: {warning}")
     print(split_summary(split).to_string())
     counts = split.groupby("split")["patient_id"].nunique()
     print("\npatients per side: " + ", ".join(f"{side} {counts.get(side, 0)}" for side in ("train", "val", "test")))

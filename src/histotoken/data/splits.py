@@ -20,6 +20,10 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 logger = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["path", "patient_id", "tumor_class", "label", "magnification", "split"]
+# Written only by image-level splits (value "image" in every row): the record that lets a split keep
+# one patient on two sides. A file without it must be patient-disjoint (read_split checks).
+SCHEME_COLUMN = "scheme"
+IMAGE_SCHEME = "image"
 IMAGE_SCHEME_WARNING = (
     "image-level split: images of the same patient land in train and test, so test scores are "
     "optimistic. Use it only to reproduce published protocols that split this way."
@@ -64,7 +68,34 @@ def make_split(
         frame.loc[frame["patient_id"].isin(test_patients), "split"] = "test"
     else:
         raise ValueError(f"unknown split scheme {scheme!r}; choose 'patient' (default) or 'image'")
-    return frame[SPLIT_COLUMNS].reset_index(drop=True)
+    return _finish(frame, scheme)
+
+
+def _finish(frame: pd.DataFrame, scheme: str) -> pd.DataFrame:
+    """The split's columns (plus the scheme record of an image-level split); warns about empty sides."""
+    columns = SPLIT_COLUMNS
+    if scheme == IMAGE_SCHEME:
+        frame[SCHEME_COLUMN] = IMAGE_SCHEME
+        columns = [*SPLIT_COLUMNS, SCHEME_COLUMN]
+    split = frame[columns].reset_index(drop=True)
+    for warning in empty_side_warnings(split):
+        logger.warning(warning)
+    return split
+
+
+def empty_side_warnings(split: pd.DataFrame) -> list[str]:
+    """One sentence per class that has no validation or no test patients (its numbers there are missing)."""
+    patients = split.groupby(["tumor_class", "split"])["patient_id"].nunique().unstack(fill_value=0)
+    warnings = []
+    for side, role in (("val", "validation"), ("test", "test")):
+        counts = patients[side] if side in patients.columns else pd.Series(0, index=patients.index)
+        empty = sorted(str(name) for name in counts[counts == 0].index)
+        if empty:
+            warnings.append(
+                f"class(es) {', '.join(empty)} got no {role} patients: {role} metrics cannot cover them "
+                f"(too few patients of that class; give more data, or a larger --{side} fraction)"
+            )
+    return warnings
 
 
 def _official_test_split(frame: pd.DataFrame, scheme: str, val: float, seed: int) -> pd.DataFrame:
@@ -80,7 +111,7 @@ def _official_test_split(frame: pd.DataFrame, scheme: str, val: float, seed: int
     else:
         val_patients, _ = _allocate(_patient_table(rest), val, 0.0, seed)
         frame.loc[rest.index[rest["patient_id"].isin(val_patients)], "split"] = "val"
-    return frame[SPLIT_COLUMNS].reset_index(drop=True)
+    return _finish(frame, scheme)
 
 
 def _patient_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -145,12 +176,21 @@ def _image_split(frame: pd.DataFrame, val: float, test: float, seed: int) -> np.
     return labels
 
 
-def check_patient_disjoint(split: pd.DataFrame) -> None:
-    """Raise ValueError when a patient has images on more than one side."""
+def check_patient_disjoint(split: pd.DataFrame, source: str | Path | None = None) -> None:
+    """Raise ValueError (one line, naming ``source`` and the patients) when a patient has images on
+    more than one side."""
     sides = split.groupby("patient_id")["split"].nunique()
     leaked = sides[sides > 1].index.tolist()
     if leaked:
-        raise ValueError(f"patients on more than one side of the split: {leaked[:5]}")
+        where = f"splits file {source}" if source is not None else "the split"
+        shown = ", ".join(repr(str(patient)) for patient in leaked[:5])
+        more = f" and {len(leaked) - 5} more" if len(leaked) > 5 else ""
+        raise ValueError(
+            f"{where} puts patient(s) {shown}{more} on more than one side (train/val/test), which leaks them "
+            f"into the test scores; regenerate it with `histotoken split`, or, to reproduce an image-level "
+            f"protocol on purpose, record it with a column {SCHEME_COLUMN}={IMAGE_SCHEME} "
+            f"(`histotoken split --scheme image` writes it)"
+        )
 
 
 def split_summary(split: pd.DataFrame) -> pd.DataFrame:
@@ -163,19 +203,36 @@ def split_summary(split: pd.DataFrame) -> pd.DataFrame:
 def write_split(split: pd.DataFrame, path: Path) -> Path:
     from histotoken.io import atomic_write_text
 
-    return atomic_write_text(path, split[SPLIT_COLUMNS].to_csv(index=False))
+    columns = [*SPLIT_COLUMNS, SCHEME_COLUMN] if SCHEME_COLUMN in split.columns else SPLIT_COLUMNS
+    return atomic_write_text(path, split[columns].to_csv(index=False))
 
 
-def read_split(path: str | Path) -> pd.DataFrame:
-    """Read a splits CSV and check its columns; a clear error names the file."""
+def read_split(path: str | Path, image_scheme: bool = False) -> pd.DataFrame:
+    """Read a splits CSV and check its columns and that no patient is on two sides (unless the file
+    records the image scheme, or ``image_scheme``: the caller's record, e.g. a run's config, says it is
+    an image-level split); a clear error names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"splits file {path} does not exist; make one with `histotoken split`")
-    frame = pd.read_csv(path, dtype={"patient_id": str, "tumor_class": str, "label": str})
+    text = {"path": str, "patient_id": str, "tumor_class": str, "label": str, "split": str}
+    frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])  # patient "NA" stays "NA"
     missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"splits file {path} lacks columns {missing}; make it with `histotoken split`")
     bad = set(frame["split"]) - {"train", "val", "test"}
     if bad:
         raise ValueError(f"splits file {path} has unknown split names {sorted(bad)} (expected train/val/test)")
+    if not (is_image_scheme(frame, path) or image_scheme):
+        check_patient_disjoint(frame, path)
     return frame
+
+
+def is_image_scheme(split: pd.DataFrame, source: str | Path = "the split") -> bool:
+    """Whether a split records the image scheme (column ``scheme`` = ``image`` in every row)."""
+    if SCHEME_COLUMN not in split.columns:
+        return False
+    schemes = set(split[SCHEME_COLUMN].astype(str))
+    if schemes - {IMAGE_SCHEME, "patient"} or len(schemes) > 1:
+        raise ValueError(f"splits file {source} has scheme values {sorted(schemes)}; expected one value, "
+                         f"'{IMAGE_SCHEME}' or 'patient'")
+    return schemes == {IMAGE_SCHEME}

@@ -7,7 +7,8 @@ class probabilities, a heatmap of the tumour probability over the thumbnail, and
 maximum and the top-k mean tumour probability. With slide labels, slide-level metrics (accuracy etc.
 from the slide score at ``threshold``, AUROC from scikit-learn) get percentile-bootstrap intervals over
 slides, and tile-level metrics (tiles with annotation labels) intervals over slides too, in the shape of
-the BreakHis evaluation (``eval/<domain>.json``).
+the BreakHis evaluation (``eval/<domain>.json``), all from :mod:`histotoken.stats`; ``notes`` flags
+fewer than 10 slides, few slides per class, degenerate intervals and an undefined AUROC.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from histotoken import formats
+from histotoken import formats, stats
 from histotoken.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -65,43 +66,39 @@ def run_tiling_settings(run_dir: Path, img_size: int):
 def auroc_with_interval(
     y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, n_bootstrap: int, seed: int
 ) -> tuple[float | None, list[float] | None]:
-    """scikit-learn's ROC AUC and its 95% percentile interval over bootstrap resamples of ``groups``.
-
-    None where one class is missing; resamples with a single class are skipped.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y_true)) < 2:
-        return None, None
-    point = float(roc_auc_score(y_true, score))
-    if n_bootstrap <= 0:
-        return point, None
-    rng = np.random.default_rng(seed)
-    unique = np.unique(groups)
-    rows_of = [np.flatnonzero(groups == group) for group in unique]
-    values = []
-    for _ in range(n_bootstrap):
-        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(unique), len(unique))])
-        if len(np.unique(y_true[rows])) == 2:
-            values.append(roc_auc_score(y_true[rows], score[rows]))
-    if not values:
-        return point, None
-    return point, [float(v) for v in np.percentile(values, [2.5, 97.5])]
+    """scikit-learn's ROC AUC and its 95% interval over resamples of ``groups`` drawn within each label
+    (:func:`histotoken.stats.auroc_interval`); None where one class is missing."""
+    result = stats.auroc_interval(y_true, score, groups, n_bootstrap, seed)
+    return result.value, result.interval
 
 
 def binary_metrics(
-    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, threshold: float, n_bootstrap: int, seed: int
+    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, threshold: float, n_bootstrap: int, seed: int,
+    unit: str = "slides",
 ) -> dict[str, Any]:
-    """The BreakHis evaluation's metrics (classes normal, tumor) plus AUROC, intervals over ``groups``."""
+    """The BreakHis evaluation's metrics (classes normal, tumor) plus AUROC, intervals over ``groups``
+    (``unit``: what a group is, for the notes), with :mod:`histotoken.stats`' notes on weak numbers."""
     from histotoken.engine.evaluate import compute_metrics
 
     y_pred = (score >= threshold).astype(np.int64)
-    result = compute_metrics(y_true, y_pred, groups, formats.TILE_CLASS_NAMES, n_bootstrap, seed)
-    auroc, interval = auroc_with_interval(y_true, score, groups, n_bootstrap, seed)
-    result["auroc"] = auroc
-    if result.get("ci95") is not None and interval is not None:
-        result["ci95"]["auroc"] = interval
+    result = compute_metrics(y_true, y_pred, groups, formats.TILE_CLASS_NAMES, n_bootstrap, seed, unit=unit)
+    auroc = stats.auroc_interval(y_true, score, groups, n_bootstrap, seed, unit=unit)
+    result["auroc"] = auroc.value
+    if result.get("ci95") is not None and auroc.interval is not None:
+        result["ci95"]["auroc"] = auroc.interval
+        if auroc.interval[1] - auroc.interval[0] == 0:
+            auroc.notes.append(f"zero-width AUROC interval: every resample of the {len(np.unique(groups))} "
+                               f"{unit} gives the same value; it shows no uncertainty")
+    result[formats.EVAL_NOTES] = result[formats.EVAL_NOTES] + auroc.notes
     return result
+
+
+def slide_count_notes(n_slides: int) -> list[str]:
+    """A note when slide-level metrics rest on fewer than :data:`histotoken.stats.MIN_SLIDES` slides."""
+    if n_slides >= stats.MIN_SLIDES:
+        return []
+    return [f"fewer than {stats.MIN_SLIDES} test slides ({n_slides}): slide-level metrics from so few slides "
+            "say little; label more slides"]
 
 
 class _StainTransform:
@@ -208,9 +205,12 @@ def predict_slides(
         y_true = (labelled["slide_label"] == "tumor").to_numpy().astype(np.int64)
         score_column = "score_max" if slide_score == "max" else "score_topk_mean"
         slide_ids = labelled["slide"].to_numpy()
+        slide_metrics = binary_metrics(y_true, labelled[score_column].to_numpy(), slide_ids, threshold, n_bootstrap,
+                                       seed)
+        slide_metrics[formats.EVAL_NOTES] = slide_count_notes(len(labelled)) + slide_metrics[formats.EVAL_NOTES]
         evaluation = {
             "domain": "slides", "task": "binary",
-            **binary_metrics(y_true, labelled[score_column].to_numpy(), slide_ids, threshold, n_bootstrap, seed),
+            **slide_metrics,
             "n_slides": int(len(labelled)), "slide_score": slide_score, "top_k": top_k, "threshold": threshold,
             "auroc_by_score": {
                 score_name: auroc_with_interval(y_true, labelled[f"score_{score_name}"].to_numpy(), slide_ids, 0, seed)[0]

@@ -10,8 +10,10 @@ patches:
 - insertion: starting from the blurred image, reveal patches in the same order; a faithful map
   makes the probability rise fast (high area).
 
-The same curves for random patch orders are the reference a map must beat. All steps of one
-image (every method's orders and the random ones) run as one batch.
+The same curves for random patch orders are the reference a map must beat; a map is called better
+than random only when the paired 95% interval over images of its AUC minus the random one excludes 0
+(:func:`faithfulness_score`), and "not resolved" otherwise. All steps of one image (every method's
+orders and the random ones) run as one batch.
 """
 
 from __future__ import annotations
@@ -94,3 +96,54 @@ def map_order(saliency: torch.Tensor) -> torch.Tensor:
 def random_orders(num_patches: int, count: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randperm(num_patches, generator=generator) for _ in range(count)]
+
+
+def _judge(kind: str, difference, better_sign: int) -> tuple[str, str]:
+    """('better'|'worse'|'not resolved', 'deletion -0.041 [-0.060, -0.022]') for map - random AUCs."""
+    numbers = f"{kind} {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}]"
+    if not difference.resolved:
+        return "not resolved", numbers
+    return ("better" if np.sign(difference.mean) == better_sign else "worse"), numbers
+
+
+def faithfulness_score(deletion: np.ndarray, random_deletion: np.ndarray, insertion: np.ndarray,
+                       random_insertion: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """A map's deletion/insertion AUCs against random orders, with paired intervals over images and a verdict.
+
+    Inputs are per-image AUCs (N,): the map's, and the mean over the random orders of that image. For
+    each curve the difference map - random is averaged over images and gets a 95% bootstrap interval
+    over images (:func:`histotoken.stats.paired_mean_difference`: one draw of images for both sides).
+    The map is "better than random" on deletion only when that interval lies below 0 (the map's curve
+    falls faster), on insertion only when it lies above 0; otherwise the comparison is "not resolved"
+    with these images. The verdict text states the number of images and both intervals.
+    """
+    from histotoken.stats import paired_mean_difference
+
+    deletion_difference = paired_mean_difference(deletion, random_deletion, n_resamples, seed)
+    insertion_difference = paired_mean_difference(insertion, random_insertion, n_resamples, seed + 1)
+    deletion_verdict, deletion_numbers = _judge("deletion", deletion_difference, better_sign=-1)
+    insertion_verdict, insertion_numbers = _judge("insertion", insertion_difference, better_sign=1)
+    better = [kind for kind, verdict in (("deletion", deletion_verdict), ("insertion", insertion_verdict))
+              if verdict == "better"]
+    worse = [kind for kind, verdict in (("deletion", deletion_verdict), ("insertion", insertion_verdict))
+             if verdict == "worse"]
+    if better:
+        verdict = f"better than random on {' and '.join(better)}"
+    elif worse:
+        verdict = f"worse than random on {' and '.join(worse)}"
+    else:
+        verdict = "not resolved against random"
+    verdict += (f" ({deletion_difference.n} images; map minus random AUC, 95% interval over images: "
+                f"{deletion_numbers}, {insertion_numbers})")
+    return {
+        "deletion_auc": float(np.mean(deletion)), "insertion_auc": float(np.mean(insertion)),
+        "random_deletion_auc": float(np.mean(random_deletion)),
+        "random_insertion_auc": float(np.mean(random_insertion)),
+        "deletion_difference": [deletion_difference.mean, deletion_difference.low, deletion_difference.high],
+        "insertion_difference": [insertion_difference.mean, insertion_difference.low, insertion_difference.high],
+        "n_images": deletion_difference.n,
+        "better_than_random_deletion": deletion_verdict == "better",
+        "better_than_random_insertion": insertion_verdict == "better",
+        "no_better_than_random": not better,
+        "verdict": verdict,
+    }
