@@ -25,6 +25,10 @@ SUBTYPES = (
 )
 SUBTYPE_CODES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
 MAGNIFICATIONS = (40, 100, 200, 400)
+# kind="cifar10": a CIFAR-10-like study (no magnifications, each image its own group, train/test domain "all")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat")
+CIFAR_DOMAINS = ("all",)
+CIFAR_IMAGES_PER_CLASS = 6  # per split side
 # (label, timm name, kwargs, in-domain quality, gflops, throughput, params, tokens_final)
 MODELS = (
     ("resnet18", "resnet18", {}, 0.82, 1.82, 90.0, 11.2, None),
@@ -58,10 +62,25 @@ def _shift(train_domain: str, test_domain: str) -> float:
     return 0.12  # partly seen (single -> mixed)
 
 
-def test_images(test_domain: str) -> list[tuple[str, str, int]]:
+def classes_of(kind: str) -> tuple[str, ...]:
+    return CIFAR_CLASSES if kind == "cifar10" else SUBTYPES
+
+
+def cifar_key(data_root: Path, batch: str, record: int) -> str:
+    """A CIFAR-10 index key, as the data source writes it: ``<file>.bin#<record>``."""
+    return f"{data_root / 'cifar-10-batches-bin' / batch}#{record}"
+
+
+def test_images(test_domain: str, kind: str = "breakhis") -> list[tuple[str, str, int]]:
     """(path, patient_id, class index) of a test domain's images: the same for every run, like a shared
-    split; a mixed domain holds the images of its magnifications."""
+    split; a mixed domain holds the images of its magnifications. CIFAR-10 images are their own groups."""
     images = []
+    if kind == "cifar10":
+        for class_index in range(len(CIFAR_CLASSES)):
+            for k in range(CIFAR_IMAGES_PER_CLASS):
+                key = f"test_batch.bin#{class_index * CIFAR_IMAGES_PER_CLASS + k}"
+                images.append((key, key, class_index))
+        return images
     for magnification in test_domain.split("+"):
         for class_index in range(len(SUBTYPES)):
             patient_id = f"14-{1000 + 10 * class_index + 2}"  # the class's test patient
@@ -70,24 +89,24 @@ def test_images(test_domain: str) -> list[tuple[str, str, int]]:
     return images
 
 
-def _predictions(rng: np.random.Generator, test_domain: str, quality: float) -> pd.DataFrame:
+def _predictions(rng: np.random.Generator, test_domain: str, quality: float, kind: str = "breakhis") -> pd.DataFrame:
     """eval/<domain>.predictions.csv: each image right with probability about ``quality``."""
     rows = []
-    n_classes = len(SUBTYPES)
+    classes = classes_of(kind)
+    n_classes = len(classes)
     correct_fraction = float(np.clip(quality, 0.05, 1.0))
-    for path, patient_id, target in test_images(test_domain):
+    for path, patient_id, target in test_images(test_domain, kind):
         right = rng.random() < correct_fraction
         prediction = target if right else int((target + rng.integers(1, n_classes)) % n_classes)
         probabilities = np.full(n_classes, 0.3 / (n_classes - 1))
         probabilities[prediction] = 0.7
         rows.append({"path": path, "patient_id": patient_id, "target": target, "prediction": prediction,
-                     **{f"prob/{name}": float(p) for name, p in zip(SUBTYPES, probabilities)}})
+                     **{f"prob/{name}": float(p) for name, p in zip(classes, probabilities)}})
     return pd.DataFrame(rows)
 
 
-def _confusion_matrix(rng: np.random.Generator, quality: float) -> np.ndarray:
+def _confusion_matrix(rng: np.random.Generator, quality: float, n_classes: int = len(SUBTYPES)) -> np.ndarray:
     """Rows = true class, columns = predicted class; the diagonal fraction is about ``quality``."""
-    n_classes = len(SUBTYPES)
     matrix = np.zeros((n_classes, n_classes), dtype=int)
     for true_class in range(n_classes):
         support = int(rng.integers(8, 21))
@@ -98,7 +117,7 @@ def _confusion_matrix(rng: np.random.Generator, quality: float) -> np.ndarray:
     return matrix
 
 
-def _metrics_from_confusion(matrix: np.ndarray) -> dict:
+def _metrics_from_confusion(matrix: np.ndarray, classes: tuple[str, ...] = SUBTYPES) -> dict:
     true_positives = np.diag(matrix).astype(float)
     support = matrix.sum(axis=1).astype(float)
     predicted = matrix.sum(axis=0).astype(float)
@@ -112,7 +131,7 @@ def _metrics_from_confusion(matrix: np.ndarray) -> dict:
         "macro_f1": float(f1.mean()),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(SUBTYPES, precision, recall, f1, support)
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
     }
 
@@ -152,6 +171,18 @@ def write_images(data_root: Path, rng: np.random.Generator, synthetic: bool) -> 
     return pd.DataFrame(rows)
 
 
+def write_cifar_split(data_root: Path) -> pd.DataFrame:
+    """The split table of a CIFAR-10-like data set: index keys, each image its own group, magnification 0."""
+    rows = []
+    for class_index, name in enumerate(CIFAR_CLASSES):
+        for side, batch in (("train", "data_batch_1.bin"), ("val", "data_batch_2.bin"), ("test", "test_batch.bin")):
+            for k in range(CIFAR_IMAGES_PER_CLASS):
+                key = cifar_key(data_root, batch, class_index * CIFAR_IMAGES_PER_CLASS + k)
+                rows.append({"path": key, "patient_id": key, "tumor_class": name, "label": name,
+                             "magnification": 0, "split": side})
+    return pd.DataFrame(rows)
+
+
 def _dataset_json(data_root: Path, split: pd.DataFrame, synthetic: bool) -> dict:
     counts = (
         split.groupby(["tumor_class", "magnification"], sort=False)
@@ -169,7 +200,8 @@ def _dataset_json(data_root: Path, split: pd.DataFrame, synthetic: bool) -> dict
     }
 
 
-def _metrics_csv(rng: np.random.Generator, stages: list[int], quality: float) -> pd.DataFrame:
+def _metrics_csv(rng: np.random.Generator, stages: list[int], quality: float,
+                 classes: tuple[str, ...] = SUBTYPES) -> pd.DataFrame:
     """One row per epoch; each stage is a new Lightning fit, so ``epoch`` restarts at 0 in each stage."""
     rows = []
     for position, stage in enumerate(stages):
@@ -183,7 +215,7 @@ def _metrics_csv(rng: np.random.Generator, stages: list[int], quality: float) ->
             "val/loss": 2.1 * (1.15 - progress) + rng.uniform(0, 0.05),
             "val/acc": min(1.0, val_f1 + 0.02), "val/macro_f1": val_f1,
         }
-        row.update({f"val/f1/{name}": float(np.clip(val_f1 + rng.normal(0, 0.05), 0, 1)) for name in SUBTYPES})
+        row.update({f"val/f1/{name}": float(np.clip(val_f1 + rng.normal(0, 0.05), 0, 1)) for name in classes})
         row.update({"epoch_time_s": float(rng.uniform(5, 9)), "peak_memory_mb": float(rng.uniform(900, 1100))})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -200,11 +232,13 @@ def _environment(seed: int) -> dict:
     }
 
 
-def _run_config(name: str, kwargs: dict, train_domain: str, data_root: Path, splits: Path) -> dict:
-    """Every field of histotoken.config.RunConfig, resolved for one run."""
+def _run_config(name: str, kwargs: dict, train_domain: str, data_root: Path, splits: Path,
+                data_format: str | None = None) -> dict:
+    """Every field of histotoken.config.RunConfig, resolved for one run (``data_format`` only when given:
+    folders written before the engine recorded the kind of data have none)."""
     model = name if not kwargs else name + ":" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
     return {
-        "data": str(data_root), "model": model, "task": TASK, "train_domain": train_domain,
+        "data": str(data_root), **({"data_format": data_format} if data_format else {}), "model": model, "task": TASK, "train_domain": train_domain,
         "splits": str(splits), "split_scheme": "patient", "val_fraction": 0.15, "test_fraction": 0.15,
         "folds": None, "fold": 0, "img_size": 64, "epochs": 3, "stage_epochs": None, "batch_size": 16,
         "lr": 0.001, "weight_decay": 0.05, "warmup_epochs": 1, "grad_clip": 1.0, "label_smoothing": 0.0,
@@ -226,12 +260,28 @@ def write_study(
     rng_seed: int = 1234,
     seeds: tuple[int, ...] = (SEED,),
     with_predictions: bool = True,
+    kind: str = "breakhis",
+    recorded_kind: str | None = None,
 ) -> Path:
-    """Write a data folder and a study folder under ``root``; return the study folder."""
+    """Write a data folder and a study folder under ``root``; return the study folder.
+
+    ``kind="cifar10"``: a CIFAR-10-like study instead (4 classes, domain "all", no magnifications, each
+    image its own group, no image files). ``recorded_kind``: the ``data_format`` the runs' config.yaml
+    records (default: none, as in folders written before the engine recorded it).
+    """
     rng = np.random.default_rng(rng_seed)
     data_root = root / "data"
     study = root / "study"
-    split = write_images(data_root, rng, synthetic)
+    classes = classes_of(kind)
+    if kind == "cifar10":
+        split = write_cifar_split(data_root)
+        with_images = True  # nothing to delete: CIFAR-10 images live inside batch files
+        if train_domains == DOMAINS and test_domains == DOMAINS:
+            train_domains = test_domains = CIFAR_DOMAINS
+        if failed_run == FAILED_RUN:
+            failed_run = None
+    else:
+        split = write_images(data_root, rng, synthetic)
     if not with_images:
         for path in sorted(data_root.rglob("*.png")):
             path.unlink()
@@ -271,7 +321,7 @@ def write_study(
         })
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(_run_config(
-            name, kwargs, train_domain, data_root, study / "splits" / f"seed{seed}.csv"
+            name, kwargs, train_domain, data_root, study / "splits" / f"seed{seed}.csv", recorded_kind
         ), sort_keys=False), encoding="utf-8")
         _write_json(run_dir / "environment.json", _environment(seed))
         split.to_csv(run_dir / "splits.csv", index=False)
@@ -281,37 +331,37 @@ def write_study(
             _write_json(run_dir / "status.json", {"state": "failed", "error": error, "best_epoch": None,
                                                    "stages_done": [1]})
             continue
-        metrics = _metrics_csv(rng, stages, quality)
+        metrics = _metrics_csv(rng, stages, quality, classes)
         metrics.to_csv(run_dir / "metrics.csv", index=False)
         best_row = int(metrics["val/macro_f1"].idxmax())
         best_epoch = int(metrics["epoch"].iloc[best_row])  # epoch within its stage
         _write_json(run_dir / "status.json", {"state": "finished", "error": None, "best_epoch": best_epoch,
                                                "stages_done": list(dict.fromkeys(stages))})
         _write_json(run_dir / "checkpoints" / "best.json", {
-            "model_name": name, "model_kwargs": kwargs, "num_classes": len(SUBTYPES),
-            "class_names": list(SUBTYPES), "task": TASK, "img_size": 64, "epoch": best_epoch,
+            "model_name": name, "model_kwargs": kwargs, "num_classes": len(classes),
+            "class_names": list(classes), "task": TASK, "img_size": 64, "epoch": best_epoch,
             "stage": stages[best_row], "val/macro_f1": float(metrics["val/macro_f1"].max()),
             "val/acc": float(metrics["val/acc"].iloc[best_row]),
         })
         for test_domain in test_domains:
             if with_predictions:  # metrics computed from the per-image predictions written beside them
-                predictions = _predictions(rng, test_domain, quality - _shift(train_domain, test_domain))
+                predictions = _predictions(rng, test_domain, quality - _shift(train_domain, test_domain), kind)
                 (run_dir / "eval").mkdir(exist_ok=True)
                 predictions.to_csv(run_dir / "eval" / f"{test_domain}.predictions.csv", index=False)
-                matrix = np.zeros((len(SUBTYPES), len(SUBTYPES)), dtype=int)
+                matrix = np.zeros((len(classes), len(classes)), dtype=int)
                 np.add.at(matrix, (predictions["target"], predictions["prediction"]), 1)
             else:
-                matrix = _confusion_matrix(rng, quality - _shift(train_domain, test_domain))
-            scores = _metrics_from_confusion(matrix)
+                matrix = _confusion_matrix(rng, quality - _shift(train_domain, test_domain), len(classes))
+            scores = _metrics_from_confusion(matrix, classes)
             patient_accuracy = float(np.clip(scores["accuracy"] + rng.normal(0, 0.05), 0, 1))
             ci95 = {metric: _interval(rng, scores[metric])
                     for metric in ("accuracy", "balanced_accuracy", "macro_f1")}
             _write_json(run_dir / "eval" / f"{test_domain}.json", {
-                "domain": test_domain, "task": TASK, "class_names": list(SUBTYPES),
+                "domain": test_domain, "task": TASK, "class_names": list(classes),
                 "accuracy": scores["accuracy"], "balanced_accuracy": scores["balanced_accuracy"],
                 "macro_f1": scores["macro_f1"], "patient_accuracy": patient_accuracy, "ci95": ci95,
                 "per_class": scores["per_class"], "confusion_matrix": matrix.tolist(),
-                "n_images": int(matrix.sum()), "n_patients": len(SUBTYPES), "synthetic": synthetic,
+                "n_images": int(matrix.sum()), "n_patients": len(classes), "synthetic": synthetic,
                 "model_name": name, "train_domain": train_domain,
                 "checkpoint": "checkpoints/best.safetensors",
             })

@@ -144,3 +144,57 @@ def test_demo_spec_runs_end_to_end_at_a_smaller_budget(tmp_path):
     assert (outcome.runs["status"] == "finished").all()
     results = pd.read_csv(outcome.results_csv)
     assert set(results["test_domain"].astype(str)) == {"100", "400", "100+400"}
+
+
+def _full_spec_dict(root) -> dict:
+    """A spec with every optional block the grid writes back, including ``explain:``."""
+    return spec_dict(
+        root / "data folder é",
+        tasks=["binary", "subtype"],
+        models=["resnet18", {"name": "cnnprune_vit_tiny", "kwargs": {"keep_ratio": 0.5}}],
+        train_domains=["100", "100+400"],
+        test_domains=["100", "400", "100+400"],
+        seeds=[0, 3],
+        split={"scheme": "patient", "val": 0.2, "test": 0.2},
+        factors={"balancing": ["none", "class_weights"]},
+        reference_model="cnnprune_vit_tiny:keep_ratio=0.5",
+        launcher={"partition": "gpu", "timeout_min": 30},
+        data_format="breakhis",
+        explain={"domains": ["100"], "n": 4, "steps": 4, "random_orders": 1},
+    )
+
+
+@pytest.mark.parametrize("explain", [{"domains": ["100"], "n": 4, "steps": 4, "random_orders": 1}, True, None])
+def test_a_spec_the_grid_writes_reads_back_equal(tmp_path, explain):
+    from histotoken.experiments.spec import dump_spec
+
+    raw = _full_spec_dict(tmp_path)
+    raw["explain"] = explain
+    spec = spec_from_dict(raw, "spec.yaml")
+    written = tmp_path / "spec.yaml"
+    written.write_text(dump_spec(spec), encoding="utf-8")
+    from histotoken.experiments.spec import load_spec
+
+    again = load_spec(written)
+    assert again == spec
+    assert bool(again.explain) == bool(explain)
+
+
+def test_report_rebuilds_the_tables_of_a_study_whose_spec_has_an_explain_block(tmp_path):
+    """``histotoken report STUDY`` re-reads the spec.yaml the grid wrote (it failed on ``explain: {enabled}``)."""
+    from histotoken.experiments.grid import collect_tables
+    from histotoken.experiments.spec import dump_spec
+    from histotoken.formats import StudyPaths
+
+    spec = spec_from_dict(_full_spec_dict(tmp_path), "spec.yaml")
+    study = tmp_path / "study"
+    study.mkdir()
+    StudyPaths(study).spec.write_text(dump_spec(spec), encoding="utf-8")
+    runs = collect_tables(study)
+    assert len(runs) == len(expand(spec)) and set(runs["status"]) == {"pending"}
+
+
+def test_a_spec_file_with_the_old_enabled_marker_still_reads(tmp_path):
+    raw = spec_dict(tmp_path, explain={"enabled": True, "n": 4})
+    assert spec_from_dict(raw, "spec.yaml").explain == {"enabled": True, "n": 4}
+    assert spec_from_dict({**raw, "explain": {"enabled": False, "n": 4}}, "spec.yaml").explain == {}

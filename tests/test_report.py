@@ -315,3 +315,69 @@ def test_reporting_modules_import_neither_torch_nor_pyplot():
                                check=False)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- the words of the data
+
+
+def visible_text(html: str) -> str:
+    """The report's text as a reader sees it: tags removed, the spec.yaml dump left out (it is the file)."""
+    import html as html_module
+
+    html = re.sub(r"<pre>.*?</pre>", " ", html, flags=re.DOTALL)
+    html = re.sub(r'<img [^>]*>', " ", html)
+    return html_module.unescape(re.sub(r"<[^>]+>", " ", html))
+
+
+BREAKHIS_WORDS = re.compile(r"patients|patient-|tumour class|magnification", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("recorded_kind", ["cifar10", "auto", None])
+def test_a_cifar10_report_speaks_of_images_and_classes_not_patients_or_magnifications(tmp_path, recorded_kind):
+    study = write_study(tmp_path, kind="cifar10", synthetic=False, recorded_kind=recorded_kind)
+    html = build_report(study).read_text(encoding="utf-8")
+    text = visible_text(html)
+    assert BREAKHIS_WORDS.findall(text) == []
+    assert "Cross-magnification" not in html and "Mixed-magnification" not in html
+    assert 'id="cross_domain"' not in html
+    assert "<h2>In-domain performance and cost</h2>" in html  # the other sections are all there
+    kind = re.search(r"Kind: ([^.]*)\.", text).group(1)
+    assert "BreakHis" not in kind and ("CIFAR" in kind if recorded_kind == "cifar10" else True)
+    assert "72 images." in text  # 4 classes x 6 images x 3 sides, and no "from N groups": images are the groups
+    assert "Split scheme (spec.yaml): scheme = patient," in text  # settings are quoted as written
+    # the data set table has one count per class, no magnification column "0"
+    markdown = (study / "report.md").read_text(encoding="utf-8")
+    counts = markdown_table_after(markdown, "### Data set")
+    assert list(counts.columns) == ["class", "images"]
+    assert counts.set_index("class").loc["cat", "images"] == "18"
+
+
+def test_a_breakhis_report_keeps_patients_tumour_classes_and_magnifications(full_study):
+    _, html, _ = full_study
+    text = visible_text(html)
+    assert "patients" in text and "tumour class" in text and "magnification" in text
+    assert re.search(r"Kind: [^.]*BreakHis", text)
+    assert 'id="cross_domain"' in html and "Cross-magnification asymmetry" in html
+
+
+def test_the_kind_of_data_is_inferred_from_old_split_files(tmp_path):
+    """Run folders from before the kind was recorded: BreakHis magnifications -> BreakHis words."""
+    from histotoken.reporting.study import load_study
+
+    study = write_study(tmp_path, models=MODELS[:1], train_domains=("100",), test_domains=("100",), failed_run=None)
+    assert load_study(study).kind == "breakhis"
+    assert load_study(write_study(tmp_path / "c", kind="cifar10", synthetic=False)).kind == "cifar10"
+
+
+@pytest.mark.parametrize(("paths", "magnifications", "kind"), [
+    (["/d/cifar-10-batches-bin/data_batch_1.bin#0"], [0], "cifar10"),
+    (["/d é/tiles/slide 1.parquet#12"], [0], "tiles"),
+    (["/d/a.b/cat/1.png"], [0], "imagefolder"),
+    (["/d/x/SOB_B_A-14-22549AB-100-001.png", "/d/y.png"], [100, 400], "breakhis"),
+    (["/d/x.png", "/d/y.png"], [100, 0], "imagefolder"),
+])
+def test_the_kind_of_data_is_inferred_from_split_keys_and_magnifications(paths, magnifications, kind):
+    from histotoken.reporting.words import infer_kind
+
+    split = pd.DataFrame({"path": paths, "magnification": (magnifications * len(paths))[: len(paths)]})
+    assert infer_kind([split], []) == kind

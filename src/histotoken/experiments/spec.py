@@ -95,7 +95,7 @@ class StudySpec:
             "factors": {key: list(values) for key, values in self.factors.items()},
             "reference_model": self.reference_model,
             "launcher": dict(self.launcher),
-            **({"explain": dict(self.explain)} if self.explain else {}),
+            **({"explain": _explain_entry(self.explain)} if self.explain else {}),
         }
 
     def base_config(self) -> RunConfig:
@@ -236,10 +236,18 @@ def _explain_settings(value: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(value, dict):
         raise ValueError(f"{source}: explain must be true or a mapping of {', '.join(EXPLAIN_SPEC_KEYS)}")
+    value = dict(value)
+    enabled = value.pop("enabled", True)  # spec.yaml files written by earlier versions kept this marker
     unknown = sorted(set(value) - set(EXPLAIN_SPEC_KEYS))
     if unknown:
         raise ValueError(f"{source}: unknown explain keys {unknown}; known: {', '.join(EXPLAIN_SPEC_KEYS)}")
-    return {"enabled": True, **value}
+    return {"enabled": True, **value} if enabled else {}
+
+
+def _explain_entry(settings: dict[str, Any]) -> bool | dict[str, Any]:
+    """``explain:`` as a spec file writes it, so that ``_explain_settings`` reads it back to ``settings``."""
+    written = {key: value for key, value in settings.items() if key != "enabled"}
+    return written or True
 
 
 def _reference_label(value: Any, source: str) -> str | None:

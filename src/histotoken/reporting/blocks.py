@@ -14,6 +14,7 @@ import pandas as pd
 @dataclasses.dataclass
 class Paragraph:
     text: str
+    verbatim: bool = False  # quotes settings or data: kept as written, not put in the data's words
 
 
 @dataclasses.dataclass

@@ -198,8 +198,12 @@ def image_grid_figure(
     magnifications: Sequence[str],
     per_cell: int,
     cell_px: tuple[int, int] = (96, 64),
+    column_labels: Sequence[str] | None = None,
 ) -> Figure:
     """Rows are classes, columns magnifications x ``per_cell`` examples; missing images are grey.
+
+    ``column_labels`` name the column groups (default ``"<magnification>x"``; data without
+    magnifications pass one group with its own label).
 
     The thumbnails are pasted into one mosaic drawn by a single ``imshow`` (one axes instead of
     one per image keeps the figure fast to lay out).
@@ -227,7 +231,7 @@ def image_grid_figure(
     ax.imshow(mosaic, interpolation="nearest")
     group_width = per_cell * (width + gap)
     ax.set_xticks([gap + (m + 0.5) * group_width for m in range(len(magnifications))],
-                  [f"{magnification}x" for magnification in magnifications], fontsize=8)
+                  list(column_labels or [f"{magnification}x" for magnification in magnifications]), fontsize=8)
     ax.xaxis.tick_top()
     ax.set_yticks([gap + (row + 0.5) * (height + gap) for row in range(len(classes))],
                   [tumor_class.replace("_", " ") for tumor_class in classes], fontsize=8)

@@ -21,6 +21,7 @@ from histotoken.reporting.blocks import Note, Section
 from histotoken.reporting.render import collect_figures, render_html, render_markdown
 from histotoken.reporting.sections import SECTIONS, ReportSection, SectionContext
 from histotoken.reporting.study import StudyFiles, load_study
+from histotoken.reporting.words import blocks_in_words, in_words
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def build_sections(study: StudyFiles, sections: Sequence[ReportSection] = SECTIO
     context = SectionContext(study)
     built = []
     for section in sections:
+        if section.applies is not None and not section.applies(study):
+            continue
         if section.needs_results and study.summary.empty:
             built.append(Section(section.key, section.title, [Note(NO_RESULTS)]))
             continue
@@ -47,7 +50,8 @@ def build_sections(study: StudyFiles, sections: Sequence[ReportSection] = SECTIO
             logger.warning("report section %r could not be built: %s", section.title, error)
             logger.debug("details", exc_info=True)
             blocks = [Note(f"This section could not be built from the study files: {error}")]
-        built.append(Section(section.key, section.title, blocks))
+        # sections are written in BreakHis's words; other data get their own (images, classes, ...)
+        built.append(Section(section.key, in_words(section.title, study.words), blocks_in_words(blocks, study.words)))
     return built
 
 

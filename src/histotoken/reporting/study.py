@@ -8,14 +8,19 @@ reads them itself, from the folders :meth:`StudyFiles.run_folders` lists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import yaml
 
 from histotoken.formats import EVAL_DIR, RUNS_DIR, SPLITS_DIR, StudyPaths
 from histotoken.reporting import tables
+
+if TYPE_CHECKING:
+    from histotoken.data.sources import SourceWords
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,20 @@ class StudyFiles:
             if isinstance(evaluation, dict) and evaluation.get("synthetic"):
                 return True
         return False
+
+    @functools.cached_property
+    def kind(self) -> str:
+        """The kind of data (breakhis, imagefolder, cifar10, tiles), read from the study's files."""
+        from histotoken.reporting.words import data_kind
+
+        return data_kind(self)
+
+    @functools.cached_property
+    def words(self) -> SourceWords:
+        """How this study's data names its groups and classes, and whether it has magnifications."""
+        from histotoken.reporting.words import words_of
+
+        return words_of(self.kind)
 
     def run_folders(self) -> list[tuple[str, Path]]:
         """(run_id, folder) for every run listed in runs.csv, or else found in results.csv."""

@@ -397,15 +397,26 @@ def accuracy_cost_table(summary: pd.DataFrame, efficiency: pd.DataFrame, task: s
 # --------------------------------------------------------------------------- data set tables
 
 
-def dataset_count_tables(dataset: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def dataset_count_tables(dataset: dict, by_magnification: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Images and patients per tumour class (rows) x magnification (columns) from ``dataset.json``.
 
     The image table has a ``total`` column and row; patients are not summed (one patient has
-    images at every magnification).
+    images at every magnification). Without ``by_magnification`` (data without magnifications, which
+    dataset.json lists as magnification 0) each table has one column, ``images`` or ``patients``.
     """
     counts = pd.DataFrame(dataset.get("counts") or [])
     if counts.empty:
         return pd.DataFrame(), pd.DataFrame()
+    if not by_magnification:
+        classes = class_order(counts["tumor_class"])
+        images = counts.groupby("tumor_class")["n_images"].sum().reindex(classes).fillna(0).astype(int)
+        images = images.to_frame("images")
+        images.loc["total"] = images["images"].sum()
+        patients = pd.DataFrame()
+        if "n_patients" in counts.columns:  # one row per class when there is no magnification
+            patients = counts.groupby("tumor_class")["n_patients"].max().reindex(classes).fillna(0).astype(int)
+            patients = patients.to_frame("patients")
+        return images, patients
     counts["magnification"] = counts["magnification"].map(magnification_label)
     classes = class_order(counts["tumor_class"])
     magnifications = sort_domains(counts["magnification"])

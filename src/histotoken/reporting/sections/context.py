@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from histotoken.reporting import plots
 from histotoken.reporting.blocks import FigureBlock, Heading
 from histotoken.reporting.formatting import file_name
 from histotoken.reporting.study import StudyFiles
+
+if TYPE_CHECKING:
+    from histotoken.data.sources import SourceWords
 
 
 @dataclasses.dataclass
@@ -17,6 +21,11 @@ class SectionContext:
 
     study: StudyFiles
     _figure_names: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def words(self) -> SourceWords:
+        """The data's words for its groups and classes (``histotoken.data.sources.words``)."""
+        return self.study.words
 
     @property
     def multiple_tasks(self) -> bool:
@@ -55,9 +64,17 @@ class ReportSection:
     """One section of the report: its anchor, its heading and the function that builds its blocks.
 
     ``needs_results``: the section compares results, so a study without result rows gets a note instead.
+    ``applies``: whether the section belongs in this study's report at all (e.g. cross-magnification
+    sections only for data with magnifications); None: always.
     """
 
     key: str
     title: str
     build: Callable[[SectionContext], list]
     needs_results: bool = False
+    applies: Callable[[StudyFiles], bool] | None = None
+
+
+def has_magnifications(study: StudyFiles) -> bool:
+    """Whether the study's data have magnifications (BreakHis): the ``applies`` of cross-magnification sections."""
+    return bool(study.words.has_magnification)

@@ -8,7 +8,7 @@ import pandas as pd
 from histotoken.reporting import plots, tables
 from histotoken.reporting.blocks import Heading, Note, Paragraph, Table
 from histotoken.reporting.formatting import MISSING, file_name, format_number, matrix_table
-from histotoken.reporting.sections.context import ReportSection, SectionContext
+from histotoken.reporting.sections.context import ReportSection, SectionContext, has_magnifications
 
 
 def build(context: SectionContext) -> list:
@@ -108,4 +108,5 @@ def _mixed_blocks(context: SectionContext, summary: pd.DataFrame) -> list:
 
 
 
-SECTION = ReportSection("cross_domain", "Cross-magnification generalisation", build, needs_results=True)
+SECTION = ReportSection("cross_domain", "Cross-magnification generalisation", build, needs_results=True,
+                        applies=has_magnifications)

@@ -97,7 +97,9 @@ def build(context: SectionContext) -> list:
 def faithfulness_table(faithfulness: dict) -> pd.DataFrame:
     rows = []
     for method, score in faithfulness.items():
-        if score.get("no_better_than_random"):
+        if score.get("verdict"):  # with the number of images and the paired intervals (histotoken explain)
+            verdict = score["verdict"]
+        elif score.get("no_better_than_random"):
             verdict = "NO BETTER THAN RANDOM"
         elif score.get("better_than_random_deletion") and score.get("better_than_random_insertion"):
             verdict = "better than random on both"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from histotoken.reporting import tables
+from histotoken.reporting import statistics, tables
 from histotoken.reporting.blocks import Note, Paragraph, Table
 from histotoken.reporting.formatting import format_efficiency, format_estimate
 from histotoken.reporting.sections.context import ReportSection, SectionContext
@@ -38,6 +38,7 @@ def build(context: SectionContext) -> list:
         ]
     shown = pd.concat([shown, format_efficiency(table)], axis=1)
     blocks.append(Table(shown))
+    blocks += statistics.notes_blocks(study, in_domain_only=True)  # few test patients, degenerate intervals
     if study.efficiency is None:
         blocks.append(Note("efficiency.csv is missing: latency, throughput, memory, parameters, GFLOPs and "
                            "tokens are not shown. Run `histotoken benchmark` for the study's models and save "

@@ -1,4 +1,4 @@
-"""Report section "Dataset preview": example images per tumour class and magnification."""
+"""Report section "Dataset preview": example images per tumour class (and magnification, where there are)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 from histotoken.reporting import plots, tables
 from histotoken.reporting.blocks import Note
 from histotoken.reporting.sections.context import ReportSection, SectionContext
+from histotoken.reporting.words import index_key_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,13 @@ def build(context: SectionContext) -> list:
     if not study.split_files:
         return [Note("No split file in splits/: there is no list of images to preview.")]
     name, split = next(iter(study.split_files.items()))
-    needed = {"path", "tumor_class", "magnification"}
+    by_magnification = study.words.has_magnification
+    needed = {"path", "tumor_class", "magnification"} if by_magnification else {"path", "tumor_class"}
     if not needed <= set(split.columns):
         return [Note(f"splits/{name} lacks the column(s) {', '.join(sorted(needed - set(split.columns)))}.")]
-    split = split.assign(magnification=split["magnification"].map(tables.magnification_label))
+    # data without magnifications (magnification 0 in the index) are one column group of examples
+    magnification = split["magnification"].map(tables.magnification_label) if by_magnification else "all"
+    split = split.assign(magnification=magnification)
     classes = tables.class_order(split["tumor_class"])
     magnifications = tables.sort_domains(split["magnification"])
     data_root = Path(str((study.dataset or {}).get("data_root", "")) or study.root)
@@ -45,6 +49,9 @@ def build(context: SectionContext) -> list:
                 found += 1
             images.append(image)
         thumbnails[(tumor_class, magnification)] = images
+    if found == 0 and index_key_suffix(str(first_missing)) is not None:
+        return [Note(f"The images listed in splits/{name} are records inside data files (e.g. {first_missing}), "
+                     "not image files: the preview shows image files only.")]
     if found == 0:
         return [Note(
             f"The images listed in splits/{name} were not found (first one looked for: {first_missing}; "
@@ -53,10 +60,13 @@ def build(context: SectionContext) -> list:
         )]
     blocks: list = [context.figure(
         "dataset_preview",
-        plots.image_grid_figure(thumbnails, classes, magnifications, PREVIEW_PER_CELL, PREVIEW_THUMBNAIL_PX),
-        f"Example images per tumour class and magnification (from splits/{name}).",
-        f"Rows are tumour classes and columns magnifications, {PREVIEW_PER_CELL} images each from different "
-        "patients where possible; check that each row looks like the tissue its label names.",
+        plots.image_grid_figure(thumbnails, classes, magnifications, PREVIEW_PER_CELL, PREVIEW_THUMBNAIL_PX,
+                                column_labels=None if by_magnification else ["examples"]),
+        f"Example images per tumour class and magnification (from splits/{name})." if by_magnification else
+        f"Example images per tumour class (from splits/{name}).",
+        (f"Rows are tumour classes and columns magnifications, {PREVIEW_PER_CELL} images each" if by_magnification
+         else f"Rows are tumour classes, {PREVIEW_PER_CELL} images each") + " from different patients where "
+        "possible; check that each row looks like what its label names.",
     )]
     if found < tried:
         blocks.append(Note(f"{tried - found} of {tried} preview images could not be read "

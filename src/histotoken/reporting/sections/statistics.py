@@ -60,7 +60,7 @@ def build(context: SectionContext) -> list:
     protocol = (study.spec or {}).get("protocol") or {}
     n_resamples = int(protocol.get("bootstrap") or st.DEFAULT_RESAMPLES)
     data = comparisons.StudyPredictions(study, n_resamples=max(n_resamples, 200))
-    blocks: list = [Paragraph(INTRO)]
+    blocks: list = [Paragraph(INTRO), *st.notes_blocks(study)]  # what the evaluations cannot support
     if not any(data.folds(*key, test) for key in data.runs for test in set(study.summary["test_domain"])):
         return blocks + [Note(
             "No run folder holds per-image predictions (eval/<domain>.predictions.csv): paired comparisons "
@@ -71,8 +71,9 @@ def build(context: SectionContext) -> list:
         context.task_heading(task, blocks)
         blocks += _pooled_blocks(context, data, task)
         blocks += _reference_blocks(context, data, task, reference)
-        blocks += _asymmetry_blocks(context, data, task)
-        blocks += _mixed_blocks(context, data, task)
+        if context.words.has_magnification:  # cross-magnification comparisons need magnifications
+            blocks += _asymmetry_blocks(context, data, task)
+            blocks += _mixed_blocks(context, data, task)
     return blocks
 
 
