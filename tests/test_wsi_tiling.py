@@ -82,10 +82,12 @@ def test_summary_thumbnails_and_settings_are_written(tiled):
     assert list(on_disk.columns) == list(formats.TILE_SUMMARY_COLUMNS)
     assert dict(zip(on_disk["slide"], on_disk["n_tiles"])) == {TUMOR_SLIDE: 28, NORMAL_SLIDE: 28}
     assert dict(zip(on_disk["slide"], on_disk["n_tumor_tiles"])) == {TUMOR_SLIDE: 7, NORMAL_SLIDE: 0}
+    tissue_a_and_b = (512 * 512 + 448 * 384) / (2048 * 1536)  # drawn tissue share of the slide
+    assert on_disk["tissue_fraction"].tolist() == pytest.approx([tissue_a_and_b] * 2, abs=1e-4)
     from PIL import Image
 
     with Image.open(paths.thumbnail(TUMOR_SLIDE)) as picture:
-        assert picture.size == (256, 192)
+        assert picture.size == (64, 48)  # the slide at the mask resolution, 8 um per pixel
     assert formats.is_tile_folder(out)
 
 

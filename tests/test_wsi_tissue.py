@@ -1,4 +1,4 @@
-"""Tissue detection on the generated slides: exact regions, pen marks and specks excluded."""
+"""Tissue detection on the generated slides: exact regions at 8 um per pixel, pen marks and specks excluded."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def test_tissue_mask_equals_the_drawn_tissue_regions(slide_set):
     for key in ("tumour", "normal"):  # the tumour slide has purple tumour inside tissue A: still tissue
         with open_slide(slide_set[key]) as slide:
             tissue = detect_tissue(slide)
-        assert tissue.level == 3 and tissue.scale == (8.0, 8.0)
-        np.testing.assert_array_equal(tissue.mask, _expected_mask(tissue.mask.shape, 8))
+        # 8 um per pixel: level 3 (2 um) shrunk 4 times; every drawn edge falls on a mask pixel boundary.
+        assert tissue.level == 3 and tissue.scale == (32.0, 32.0) and tissue.mask.shape == (48, 64)
+        np.testing.assert_array_equal(tissue.mask, _expected_mask(tissue.mask.shape, 32))
 
 
 def test_pen_colours_are_ink_and_stain_colours_are_not():
@@ -35,12 +36,20 @@ def test_pen_colours_are_ink_and_stain_colours_are_not():
     np.testing.assert_array_equal(pen_mask(colours)[0], [True, True, True, False, False, False])
 
 
+def test_ink_needs_a_large_connected_region():
+    image = np.full((100, 100, 3), 240, np.uint8)
+    image[10:14, 10:14] = (20, 20, 20)  # a dark speck: 16 px of 64 um2 = 0.001 mm2
+    image[50:70, 10:90] = BLUE_PEN  # 1600 px = 0.1 mm2 at 8 um per pixel
+    ink = pen_mask(image, mpp=8.0)
+    assert not ink[10:14, 10:14].any() and ink[50:70, 10:90].all() and ink.sum() == 1600
+
+
 def test_pen_stroke_across_tissue_is_cut_out():
-    image = np.full((100, 100, 3), 255, np.uint8)
+    image = np.full((100, 100, 3), 245, np.uint8)
     image[20:80, 20:80] = PINK
-    image[48:52, :] = BLUE_PEN  # a stroke through the tissue
-    mask, _ = tissue_mask(image, mpp=4.0)
-    assert not mask[48:52].any()
+    image[46:54, :] = BLUE_PEN  # a 64 um wide stroke through the tissue
+    mask, _ = tissue_mask(image, mpp=8.0)
+    assert not mask[46:54].any()
     assert mask[30, 30] and mask[70, 70]
     assert not mask[:15].any()
 
@@ -60,11 +69,24 @@ def test_tile_tissue_fractions_from_the_mask_are_exact(slide_set):
     np.testing.assert_allclose(tissue.fractions(xs, ys, 128), [1.0, 0.5, 0.0, 0.5, 0.0])
 
 
-def test_slide_without_a_coarse_level_is_shrunk_to_the_mask_resolution(slide_set, monkeypatch):
+def test_blocks_read_from_a_fine_level_give_the_same_mask(slide_set, monkeypatch):
     from histotoken.data.wsi import tissue as tissue_module
 
-    monkeypatch.setattr(tissue_module, "MAX_MASK_PIXELS", 10_000)  # level 3 (256 x 192) now counts as too big
+    with open_slide(slide_set["normal"]) as slide:
+        whole = detect_tissue(slide)
+        monkeypatch.setattr(tissue_module, "READ_BLOCK", 40)  # 40 // 4 * 4 = 40-pixel blocks of level 3
+        blocks = detect_tissue(slide)
+    np.testing.assert_array_equal(blocks.image, whole.image)
+    np.testing.assert_array_equal(blocks.mask, whole.mask)
+
+
+def test_huge_declared_slides_get_a_coarser_mask(slide_set, monkeypatch):
+    from histotoken.data.wsi import tissue as tissue_module
+
+    monkeypatch.setattr(tissue_module, "MAX_MASK_PIXELS", 768)  # 64 x 48 at 8 um is over this: 16 um instead
     with open_slide(slide_set["normal"]) as slide:
         tissue = detect_tissue(slide)
-    assert tissue.mask.shape == (48, 64) and tissue.scale == (32.0, 32.0)  # 8 um: level 3 shrunk 4 times
-    np.testing.assert_array_equal(tissue.mask, _expected_mask(tissue.mask.shape, 32))
+    assert tissue.mask.shape == (24, 32) and tissue.scale == (64.0, 64.0)
+    expected = _expected_mask(tissue.mask.shape, 64)
+    assert tissue.mask[expected].all()
+    assert (tissue.mask & ~expected).mean() < 0.05  # the 6 um pen lines are now faint colour in one pixel row

@@ -16,6 +16,9 @@ from pathlib import Path
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 # Metrics collected into a study's results.csv (headline metrics plus the patient recognition rate).
 RESULT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy")
+# eval JSON key: a list of sentences saying what the numbers cannot support (few test patients or
+# slides per class, degenerate intervals, undefined AUROC); empty when nothing is flagged.
+EVAL_NOTES = "notes"
 # Metric names logged during training (metrics.csv columns and Lightning monitors).
 VAL_MACRO_F1 = "val/macro_f1"
 VAL_ACC = "val/acc"
@@ -276,7 +279,7 @@ TILE_COLUMNS = (
 )
 TILE_CLASS_NAMES = ("normal", "tumor")
 TILE_SUMMARY_COLUMNS = (
-    "slide", "slide_path", "status", "error", "n_tiles", "n_tumor_tiles", "tissue_mm2", "slide_mpp",
+    "slide", "slide_path", "status", "error", "n_tiles", "n_tumor_tiles", "tissue_mm2", "tissue_fraction", "slide_mpp",
     "mpp", "level", "width", "height", "slide_label", "patient_id", "annotations", "seconds",
 )
 

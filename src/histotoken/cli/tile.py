@@ -11,12 +11,15 @@ Cut whole-slide images (.svs, .tif/.tiff, .ndpi, .mrxs: anything OpenSlide reads
 a physical resolution, keeping tiles with enough tissue. Tiles are stored as coordinates, one table per
 slide (TILES_DIR/tiles/<slide>.parquet); pixels are read from the slides when training.
 
-Per slide: tissue is found at low resolution (Otsu on saturation; blue, green and black pen marks and
-background do not count), the tile grid is laid at the target mpp and read from the best pyramid level,
-each tile gets its tissue fraction, tumour fraction (from ASAP XML or QuPath GeoJSON annotations) and
-label, and TILES_DIR/thumbnails/<slide>.png shows the tissue contour and the kept tiles. TILES_DIR/summary.csv
-has one row per slide. Slides run in parallel (--workers); a finished slide is skipped when the command
-is run again, and a slide that cannot be read is reported in one line while the others go on.
+Per slide: tissue is found at 8 microns per pixel, whatever levels the slide has (optical density and
+saturation against the slide's own glass colour, so pale stroma counts; large blue, green and black pen
+marks do not), the tile grid is laid at the target mpp and read from the best pyramid level, each tile gets
+its tissue fraction, tumour fraction (from ASAP XML or QuPath GeoJSON annotations) and label, and
+TILES_DIR/thumbnails/<slide>.png shows the tissue contour and the kept tiles. TILES_DIR/summary.csv has one
+row per slide, with its tissue fraction; a slide keeping under 5 tiles or 1% tissue is flagged. Slides run in
+parallel (--workers; workers stop when the command is killed); a finished slide is skipped when the command
+is run again, and a slide that cannot be read (unreadable tile data, a size its file cannot hold, a broken
+annotation file) is reported in one line while the others go on.
 
 Labels: --annotations DIR holds <slide>.xml (CAMELYON16 ASAP: groups _0/_1 tumour, _2 exclusion) or
 <slide>.geojson (QuPath; class names mapped with --label-map). --labels CSV gives slide labels

@@ -89,12 +89,16 @@ def read_asap_xml(path: str | Path) -> Annotations:
     except ElementTree.ParseError as error:
         raise ValueError(f"{path}: not a readable ASAP XML annotation file ({error})") from None
     tumor, exclusion = [], []
-    for annotation in root.iter("Annotation"):
+    for number, annotation in enumerate(root.iter("Annotation"), 1):
         group = (annotation.get("PartOfGroup") or "").strip().lower()
-        points = [
-            (float(c.get("X")), float(c.get("Y")))
-            for c in sorted(annotation.iter("Coordinate"), key=lambda c: int(float(c.get("Order", 0))))
-        ]
+        try:
+            points = [
+                (float(c.get("X")), float(c.get("Y")))
+                for c in sorted(annotation.iter("Coordinate"), key=lambda c: int(float(c.get("Order", 0))))
+            ]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: annotation {number} ({annotation.get('Name', 'unnamed')!r}) has a Coordinate "
+                             "without numeric X, Y and Order attributes; fix or remove it") from None
         kind = (annotation.get("Type") or "Polygon").lower()
         if len(points) < 3 or kind in ("dot", "pointset"):
             continue
@@ -132,9 +136,31 @@ def _classification(properties: Mapping) -> str:
     return str(value).strip().lower()
 
 
+def _kind(value: object) -> str:
+    """How a JSON value is named in an error: 'a list', 'a number', 'text', ..."""
+    names = {list: "a list", dict: "an object", str: "text", int: "a number", float: "a number", bool: "true/false"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def _geometry(path: Path, number: int, geometry: Mapping):
+    """The shapely geometry of feature ``number``, or a plain-words error naming the file and the feature."""
+    import shapely
+
+    try:
+        return shapely.from_geojson(json.dumps(geometry))
+    except (shapely.errors.GEOSException, ValueError, TypeError) as error:
+        text = str(error)
+        if "closed linestring" in text or "LinearRing" in text:
+            reason = "a polygon ring is not closed (its last point must repeat its first)"
+        elif "at least 4" in text or "at least 3" in text or "IllegalArgument" in text:
+            reason = "a polygon ring has too few points (a closed ring needs at least 4)"
+        else:
+            reason = "its coordinates are not a valid GeoJSON Polygon or MultiPolygon (lists of [x, y] rings)"
+        raise ValueError(f"{path}: feature {number}: {reason}") from None
+
+
 def read_geojson(path: str | Path, label_map: Mapping[str, str] | None = None) -> Annotations:
     """QuPath GeoJSON: polygons whose class name maps (``label_map``, then defaults) to ``tumor`` or ``exclude``."""
-    import shapely
 
     path = Path(path)
     try:
@@ -142,15 +168,21 @@ def read_geojson(path: str | Path, label_map: Mapping[str, str] | None = None) -
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a readable GeoJSON annotation file ({error})") from None
     features = data.get("features", [data]) if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise ValueError(f"{path}: 'features' must be a list of GeoJSON Feature objects, not {_kind(features)}")
     mapping = {**DEFAULT_LABEL_MAP, **{k.lower(): v for k, v in (label_map or {}).items()}}
     tumor, exclusion, unmapped = [], [], set()
-    for feature in features:
+    for number, feature in enumerate(features, 1):
+        if not isinstance(feature, dict):
+            raise ValueError(f"{path}: feature {number} is {_kind(feature)}, not a GeoJSON Feature object "
+                             '({"type": "Feature", "geometry": ..., "properties": ...})')
         geometry = feature.get("geometry")
-        if not geometry or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+        if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
             continue
-        name = _classification(feature.get("properties") or {})
+        properties = feature.get("properties")
+        name = _classification(properties if isinstance(properties, dict) else {})
         label = mapping.get(name)
-        shape = shapely.from_geojson(json.dumps(geometry))
+        shape = _geometry(path, number, geometry)
         if label == TUMOR:
             tumor.append(shape)
         elif label == EXCLUDE:

@@ -63,7 +63,14 @@ def read_tile(
         tile_size = row["tile_size"] if tile_size is None else tile_size
     if any(value is None for value in (x, y, level, read_size, tile_size)):
         raise TypeError("read_tile needs slide_path, x, y, level, read_size and tile_size (or one tile-table row)")
-    rgb = _slide(slide_path).read_tile(int(x), int(y), int(level), int(read_size), int(tile_size))  # (S, S, 3)
+    import openslide
+
+    try:
+        rgb = _slide(slide_path).read_tile(int(x), int(y), int(level), int(read_size), int(tile_size))  # (S, S, 3)
+    except (openslide.OpenSlideError, OSError) as error:  # OpenSlideError is a plain Exception: name the slide
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{slide_path}: the tile at ({int(x)}, {int(y)}) on level {int(level)} cannot be read "
+                         f"({type(error).__name__}: {detail}); the slide file is damaged") from None
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (S, S, 3) -> (3, S, S)
 
 

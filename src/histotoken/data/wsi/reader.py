@@ -24,6 +24,12 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 # Objective power assumed when a slide does not record one: 10 / mpp (0.25 mpp = 40x, 0.5 mpp = 20x),
 # the convention of Aperio and Hamamatsu scanners.
 MICRONS_AT_1X = 10.0
+# Level-0 pixels a slide may declare per byte of its file(s). Scanner files hold tens of pixels per byte (JPEG
+# tiles of blank glass about 80, deflated white about 330); a file declaring thousands per byte is damaged or
+# hostile, and reading it would take hours and gigabytes, so it is refused when opened.
+MAX_PIXELS_PER_BYTE = 2000
+# Formats whose pixels live in other files beside the named one (their size is not checked).
+MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +170,21 @@ def mpp_from_properties(properties) -> float | None:
     return None
 
 
+def check_declared_size(path: Path, dimensions: tuple[int, int], handle=None) -> None:
+    """Refuse a single-file slide whose declared level-0 size is implausible for its bytes (see
+    ``MAX_PIXELS_PER_BYTE``): one line naming the file, before any pixel is read."""
+    if path.suffix.lower() in MULTI_FILE_SUFFIXES:
+        return
+    width, height = dimensions
+    size = path.stat().st_size
+    if float(width) * float(height) > MAX_PIXELS_PER_BYTE * max(size, 1):
+        if handle is not None:
+            handle.close()
+        raise ValueError(f"{path}: declares {width} x {height} pixels in a file of {size:,} bytes, more than any "
+                         f"real slide compresses ({MAX_PIXELS_PER_BYTE} pixels per byte); the file is damaged or "
+                         "not a slide, so it was refused")
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open ``path`` with OpenSlide; ``mpp`` is used when the file records no pixel size (and overrides none).
 
@@ -181,6 +202,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         raise ValueError(
             f"{path}: OpenSlide cannot read this file ({detail}); is it a whole-slide image (.svs, .tif, .ndpi, .mrxs)?"
         ) from None
+    check_declared_size(path, handle.dimensions, handle)
     found = mpp_from_properties(handle.properties)
     if found is None and mpp is None:
         handle.close()

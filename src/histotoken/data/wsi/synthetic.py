@@ -137,3 +137,28 @@ def write_slide(
                 metadata=None,
             )
     return path
+
+
+def write_image_slide(
+    path: str | Path, rgb: np.ndarray, mpp: float, levels: int = 1, tile: int = 128, compression: str | None = "zlib"
+) -> Path:
+    """Write an RGB uint8 image (h, w, 3) as a tiled TIFF slide at ``mpp`` microns per pixel, with ``levels``
+    pyramid levels (each half the one before, box-averaged by PIL), e.g. a real photograph laid into a slide."""
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    pixels_per_cm = 1e4 / mpp
+    picture = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    with tifffile.TiffWriter(path) as writer:
+        for level in range(levels):
+            if level:
+                picture = picture.reduce(2)
+            writer.write(
+                np.asarray(picture), tile=(tile, tile), photometric="rgb", compression=compression,
+                compressionargs=_compression_args(compression, None),
+                resolution=(pixels_per_cm / 2**level, pixels_per_cm / 2**level), resolutionunit="CENTIMETER",
+                subfiletype=1 if level else 0, metadata=None,
+                description=f"histotoken image slide; mpp={mpp}" if level == 0 else None,
+            )
+    return path

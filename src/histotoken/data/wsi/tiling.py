@@ -18,6 +18,9 @@ import dataclasses
 import io
 import logging
 import math
+import os
+import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,6 +39,10 @@ from histotoken.data.wsi.tissue import TissueMask, TissueSettings, detect_tissue
 from histotoken.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
+
+FEW_TILES = 5  # a slide keeping fewer tiles than this is flagged
+LOW_TISSUE_FRACTION = 0.01  # a slide with less tissue than this share of its area is flagged
+CHECKED_TILES = 4  # kept tiles read back per slide, so that unreadable tile data fails the slide here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +169,32 @@ class SlideJob:
         return slide_name(self.path)
 
 
+def check_tile_reads(slide: Slide, table: pd.DataFrame, count: int = CHECKED_TILES) -> None:
+    """Read ``count`` kept tiles spread over the table (first, last and between) at the level training will read.
+
+    The mask comes from a coarse level, so broken tile data at the tiles' level would otherwise surface only
+    in ``train`` or ``predict``; here it fails the slide with a line naming it and OpenSlide's error.
+    """
+    if not len(table):
+        return
+    for index in np.unique(np.linspace(0, len(table) - 1, num=min(count, len(table))).round().astype(int)):
+        row = table.iloc[int(index)]
+        try:
+            slide.read_tile(int(row["x"]), int(row["y"]), int(row["level"]), int(row["read_size"]), int(row["tile_size"]))
+        except Exception as error:  # noqa: BLE001  (OpenSlideError is a plain Exception)
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{slide.path}: tile data at level {int(row['level'])} cannot be read "
+                             f"({type(error).__name__}: {detail}); the file is damaged") from None
+
+
+def coverage_warning(name: str, n_tiles: int, tissue_fraction: float) -> str | None:
+    """A sentence when a slide keeps almost nothing (fewer than ``FEW_TILES`` tiles or under 1% tissue)."""
+    if n_tiles < FEW_TILES or tissue_fraction < LOW_TISSUE_FRACTION:
+        return (f"{name}: only {n_tiles} tiles kept and {100 * tissue_fraction:.1f}% of the slide found to be tissue; "
+                "check its thumbnail (a blank slide, faint stain or wrong --slide-mpp?)")
+    return None
+
+
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
@@ -182,8 +215,12 @@ def tile_one_slide(job: SlideJob, settings: TilingSettings, out_dir: Path) -> di
     try:
         with open_slide(job.path, job.slide_mpp) as slide:
             annotations = read_annotations(job.annotation_path, job.label_map) if job.annotation_path else None
+            if annotations is not None and job.slide_label == "tumor" and annotations.region.is_empty:
+                logger.warning("%s: the slide is labelled tumour but its annotation file %s holds no tumour polygon; "
+                               "all its tiles will be labelled normal", job.path, job.annotation_path)
             tissue = detect_tissue(slide, settings.tissue)
             table = tile_table(slide, settings, tissue, annotations, job.slide_label, job.patient_id)
+            check_tile_reads(slide, table)
             size = settings.tile_size * slide.downsample_for(settings.resolution)
             picture = tiling_thumbnail(tissue.image, tissue.mask, tissue.scale, table["x"], table["y"], size,
                                        table["label"])
@@ -191,13 +228,17 @@ def tile_one_slide(job: SlideJob, settings: TilingSettings, out_dir: Path) -> di
             mask_mpp = slide.mpp * (tissue.scale[0] + tissue.scale[1]) / 2
             record.update(
                 status="done", error="", n_tiles=len(table), n_tumor_tiles=int((table["label"] == "tumor").sum()),
-                tissue_mm2=round(float(tissue.mask.sum()) * (mask_mpp / 1000) ** 2, 4), slide_mpp=slide.mpp,
+                tissue_mm2=round(float(tissue.mask.sum()) * (mask_mpp / 1000) ** 2, 4),
+                tissue_fraction=round(tissue.tissue_fraction, 4), slide_mpp=slide.mpp,
                 mpp=slide.mpp_of(settings.resolution), level=int(tile_grid(slide, settings).level),
                 width=slide.dimensions[0], height=slide.dimensions[1],
                 seconds=round(time.perf_counter() - start, 3),
             )
             atomic_write_json(paths.record(job.name), record)
             atomic_write_bytes(paths.table(job.name), parquet_bytes(table))  # last: marks the slide done
+        warning = coverage_warning(job.name, len(table), tissue.tissue_fraction)
+        if warning:
+            logger.warning("%s", warning)
     except Exception as error:  # noqa: BLE001  (one bad slide must not stop the others)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if str(job.path) not in message:
@@ -269,7 +310,7 @@ def tile_slides(
     if len(pending) < len(jobs):
         logger.info("%d of %d slides already tiled in %s; skipped", len(jobs) - len(pending), len(jobs), out_dir)
     if workers > 1 and len(pending) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending))) as pool:
+        with worker_pool(min(workers, len(pending))) as pool:
             futures = {pool.submit(tile_one_slide, job, settings, out_dir): job for job in pending}
             for done, future in enumerate(as_completed(futures), 1):
                 record = future.result()
@@ -279,6 +320,24 @@ def tile_slides(
             record = tile_one_slide(job, settings, out_dir)
             logger.info("[%d/%d] %s: %s", done, len(pending), record["slide"], _describe(record))
     return rebuild_summary(out_dir)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the worker gets SIGKILL when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``),
+    so a killed ``tile`` leaves no worker writing tables behind it. A worker whose parent is already gone
+    when it starts exits at once."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """The process pool that tiles slides: its workers exit when the parent process dies."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
 def _describe(record: Mapping[str, Any]) -> str:
