@@ -2,14 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from histotoken.data.breakhis import (
-    breakhis_image_path,
-    counts_table,
-    find_breast_root,
-    parse_file_name,
-    scan_breakhis,
-)
+from histotoken.data.breakhis import breakhis_image_path, counts_table, find_breast_root, parse_file_name
 from histotoken.data.index import load_index
+from histotoken.data.sources.breakhis import scan_breakhis
 from tests.conftest import write_png
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,222 @@ def test_index_cli_lists_classes_of_a_cifar_folder(cifar_root, capsys):
     assert main(["index", str(cifar_root), "--data-format", "cifar10"]) == 0
     out = capsys.readouterr().out
     assert "36 images" in out and "cifar10: images per class" in out and "horse" in out
+
+
+# --------------------------------------------------------------------------- the source package
+
+
+def test_benign_malignant_tile_folders_are_an_imagefolder_not_breakhis(tmp_path):
+    root, _ = write_imagefolder(tmp_path / "tiles", classes=("benign", "malignant"))
+    assert detect_format(root) == "imagefolder"
+    index = load_index(root)
+    assert index.data_format == "imagefolder" and index.class_names == ("benign", "malignant")
+    assert len(index.frame) == 24 and not index.skipped
+
+
+def test_breakhis_is_recognised_by_its_file_names_even_without_its_folders(tmp_path):
+    from histotoken.data.breakhis import breakhis_file_name
+    from tests.conftest import write_png
+
+    flat = tmp_path / "flat"
+    for seq in (1, 2):
+        write_png(flat / breakhis_file_name("adenosis", "14-1000", 100, seq))
+    write_png(flat / breakhis_file_name("ductal_carcinoma", "14-2000", 100, 1))
+    assert detect_format(flat) == "breakhis"
+    frame = load_index(flat).frame
+    assert sorted(frame["patient_id"].unique()) == ["14-1000", "14-2000"] and set(frame["label"]) == {"benign", "malignant"}
+
+
+def test_folder_matching_two_sources_names_the_data_format_to_use(tmp_path):
+    root = write_cifar(tmp_path / "both", per_file=2, train_files=1)
+    (root / "tiles").mkdir()
+    (root / "summary.csv").write_text("slide\n")
+    with pytest.raises(ValueError, match="--data-format cifar10 or --data-format tiles"):
+        detect_format(root)
+    assert detect_format(root, "tiles") == "tiles"
+
+
+def test_one_class_imagefolder_is_refused_before_anything_is_decoded(tmp_path, monkeypatch):
+    import histotoken.data.decode as decode
+    from histotoken.engine.fit import train
+
+    root, _ = write_imagefolder(tmp_path / "one", classes=("tumour",))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image before checking the classes")
+
+    monkeypatch.setattr(decode, "decode_array", no_decoding)
+    message = f"{root.resolve()} has only one class folder (tumour); a classifier needs at least two"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_index(root)
+    with pytest.raises(ValueError, match="only one class folder"):
+        train(RunConfig(data=str(root), model="resnet18", img_size=32, epochs=1), tmp_path / "run")
+
+
+def test_every_builtin_source_implements_the_protocol_and_the_registry_feeds_the_choices():
+    from histotoken.cli.common import DATA_FORMAT_CHOICES
+    from histotoken.config import DATA_FORMATS
+    from histotoken.data.sources import DataSource, get_source, source_names
+
+    assert source_names()[:4] == ("breakhis", "imagefolder", "cifar10", "tiles")
+    assert DATA_FORMATS == DATA_FORMAT_CHOICES == ("auto", *source_names())
+    for name in source_names():
+        assert isinstance(get_source(name), DataSource) and get_source(name).name == name
+    with pytest.raises(ValueError, match="unknown data format 'hdf5'.*breakhis, imagefolder, cifar10, tiles"):
+        get_source("hdf5")
+
+
+def test_a_registered_source_is_detected_read_and_accepted_by_the_config(tmp_path):
+    import torch
+
+    from histotoken.data import sources
+    from histotoken.data.sources import IndexResult, SourceWords, register_source
+
+    class Marker:
+        name = "marker"
+        words = SourceWords(group="case", groups="cases", class_word="class", classes_word="classes",
+                            has_magnification=False, description="a marker folder")
+        decodes_images = False
+        key_suffix = ".mark"
+
+        def detect(self, root):
+            return (root / "MARKER").is_file()
+
+        def scan(self, root, groups=None):
+            frame = pd.DataFrame({"path": [f"{root / 'a.mark'}#0", f"{root / 'a.mark'}#1"], "patient_id": ["p", "q"],
+                                  "tumor_class": ["x", "y"], "label": ["x", "y"], "magnification": 0,
+                                  "width": 4, "height": 4})
+            return IndexResult(frame, [], self.name, ("x", "y"), True)
+
+        def read(self, key):
+            return torch.full((3, 4, 4), int(key.rsplit("#", 1)[1]), dtype=torch.uint8)
+
+        def classes(self, task, root=None, frame=None):
+            return ("x", "y"), "label"
+
+        def rebase(self, frame, new_root):
+            return frame
+
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "MARKER").touch()
+    register_source(Marker())
+    try:
+        assert detect_format(root) == "marker" and RunConfig(data_format="marker").data_format == "marker"
+        index = load_index(root)
+        assert index.data_format == "marker" and len(index.frame) == 2
+        assert int(read_image(index.frame["path"].iloc[1])[0, 0, 0]) == 1
+        assert sources.words("marker").groups == "cases"
+    finally:
+        sources._REGISTERED.pop("marker")
+
+
+def test_report_words_per_source():
+    from histotoken.data.sources import SourceWords, words
+
+    assert words("breakhis") == SourceWords()
+    assert words("breakhis").class_word == "tumour class" and words("breakhis").has_magnification
+    assert words("cifar10").groups == "images" and words("cifar10").description == "CIFAR-10 (binary batches)"
+    assert words("tiles").group == "patient" and not words("tiles").has_magnification
+    assert words("imagefolder") == words("auto") == words("something else")
+    assert words("imagefolder").description == "an ImageFolder tree (one folder per class)"
+
+
+@pytest.mark.parametrize("kind", ["breakhis", "imagefolder", "cifar10", "tiles"])
+def test_rebase_moves_keys_to_a_copy_of_the_data(tmp_path, kind, synthetic_root):
+    import shutil
+
+    from histotoken.data.sources import rebase_frame
+
+    if kind == "breakhis":
+        root = tmp_path / "orig"
+        shutil.copytree(synthetic_root, root)
+    elif kind == "imagefolder":
+        root, _ = write_imagefolder(tmp_path / "orig")
+    elif kind == "cifar10":
+        root = write_cifar(tmp_path / "orig" / "cifar-10-batches-bin", per_file=3, train_files=1).parent
+    else:
+        root = tmp_path / "orig"
+        (root / "tiles").mkdir(parents=True)
+        (root / "summary.csv").write_text("slide\n")
+        pd.DataFrame({"slide": "s", "slide_path": "/slides/s.tif", "x": [0, 32], "y": 0, "level": 0, "read_size": 32,
+                      "tile_size": 32, "label": ["a", "b"], "patient_id": "p"}).to_parquet(root / "tiles" / "s.parquet")
+    frame = load_index(root).frame
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(root, copy)
+    shutil.rmtree(root)
+    moved = rebase_frame(frame, copy)
+    assert detect_format(copy) == kind
+    assert list(moved["label"]) == list(frame["label"])
+    for key in moved["path"]:
+        assert str(copy) in key and Path(key.split("#")[0]).is_file()
+    if kind != "tiles":
+        assert read_image(moved["path"].iloc[0]).shape[0] == 3
+
+
+def test_data_modules_import_without_cycles():
+    """index -> sources -> decode, dataset -> store: no module of data/ imports back up the chain."""
+    import ast
+
+    import histotoken.data as data
+
+    base = Path(data.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in [*base.glob("*.py"), *(base / "sources").glob("*.py")]:
+        module = "histotoken.data." + ".".join(path.relative_to(base).with_suffix("").parts).replace(".__init__", "")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("histotoken.data"):
+                imported.add(node.module)
+        graph[module] = {m for m in imported if m != module and not m.startswith("histotoken.data.wsi")}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert cycles == [], f"import cycles through {cycles}"
+    assert not any(m.startswith("histotoken.data") for m in graph["histotoken.data.decode"])
+
+
+def test_slide_library_errors_become_one_bad_tile_each_naming_the_slide(tmp_path, monkeypatch):
+    import torch
+
+    import histotoken.data.wsi.dataset as wsi_dataset
+    from histotoken.data.dataset import ImageStore
+
+    class OpenSlideError(Exception):  # openslide's own is a plain Exception subclass, as this one
+        pass
+
+    root = tmp_path / "tiles_out"
+    (root / "tiles").mkdir(parents=True)
+    (root / "summary.csv").write_text("slide,n_tiles\n")
+    for slide in ("good", "garbage"):
+        pd.DataFrame({
+            "slide": slide, "slide_path": f"/slides/{slide}.svs", "x": [0, 32], "y": 0, "level": 0, "read_size": 32,
+            "tile_size": 16, "label": ["normal", "tumor"], "patient_id": slide,
+        }).to_parquet(root / "tiles" / f"{slide}.parquet")
+
+    def read_tile(row):
+        if "garbage" in row["slide_path"]:
+            raise OpenSlideError("TIFFRGBAImageGet failed")
+        return torch.full((3, 16, 16), 7, dtype=torch.uint8)
+
+    monkeypatch.setattr(wsi_dataset, "read_tile", read_tile)
+    frame = load_index(root).frame
+    bad_key = frame.loc[frame["patient_id"] == "garbage", "path"].iloc[0]
+    with pytest.raises(ValueError, match=r"/slides/garbage\.svs: TIFFRGBAImageGet failed"):
+        read_image(bad_key)
+    store = ImageStore.build(frame, 16, cache_dir=tmp_path / "cache")
+    assert sorted(store.frame["patient_id"]) == ["good", "good"] and len(store.skipped) == 2
+    assert all("garbage.svs" in reason for _, reason in store.skipped)
+
+
+def test_images_in_hidden_folders_are_not_indexed(tmp_path):
+    root, _ = write_imagefolder(tmp_path / "h", classes=("cats", "dogs"), groups=1, per_group=2)
+    checkpoint = root / "cats" / ".ipynb_checkpoints" / "cats_g0_0-checkpoint.png"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes((root / "cats" / "cats_g0_0.png").read_bytes())
+    (root / ".trash").mkdir()
+    (root / ".trash" / "x.png").write_bytes(checkpoint.read_bytes())
+    index = load_index(root)
+    assert len(index.frame) == 4 and index.class_names == ("cats", "dogs")

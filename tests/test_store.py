@@ -123,18 +123,102 @@ def test_worker_processes_decode_the_same_pixels(synthetic_root, tmp_path):
     assert torch.equal(serial.images, parallel.images)
 
 
-def test_temporary_file_of_a_dead_builder_is_removed_on_the_next_build(frame, tmp_path):
+def test_temporaries_no_builder_is_writing_are_removed_on_the_next_build(frame, tmp_path):
+    import fcntl
     import os
 
     from histotoken.data.store import store_key
 
     name = store_key(frame["path"].tolist(), 24)
-    stale, fresh = tmp_path / f".{name}.999.dead.npy.tmp", tmp_path / f".{name}.998.busy.npy.tmp"
-    stale.write_bytes(b"half a store")
-    fresh.write_bytes(b"another builder, still writing")
-    os.utime(stale, (0, 0))  # days old
-    ImageStore.build(frame, 24, cache_dir=tmp_path)
-    assert not stale.exists() and fresh.exists()
+    own = tmp_path / f".{name}.0a0a0a0a-999999.dead.npy.tmp"  # this store, builder killed a minute ago
+    free = tmp_path / f".{'1' * 24}.0a0a0a0a-999998.dead.npy.tmp"  # another store, nobody holds its lock
+    (tmp_path / f"{'1' * 24}.lock").touch()
+    busy = tmp_path / f".{'2' * 24}.0a0a0a0a-999997.busy.npy.tmp"  # another store whose builder is alive
+    for path in (own, free, busy):
+        path.write_bytes(b"half a store")
+    with open(tmp_path / f"{'2' * 24}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live builder holds this lock
+        ImageStore.build(frame, 24, cache_dir=tmp_path)
+    assert not own.exists() and not free.exists() and busy.exists()
+    assert os.path.getsize(busy) == len(b"half a store")
+
+
+def test_temporary_of_a_dead_process_on_this_host_is_removed_even_without_locks(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from histotoken.data.store import _HOST, remove_dead_temporaries
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(child.stdout)  # that process has exited
+    dead = tmp_path / f".{'3' * 24}.{_HOST}-{dead_pid}.x.npy.tmp"
+    alive = tmp_path / f".{'4' * 24}.{_HOST}-{os.getpid()}.x.npy.tmp"
+    for path in (dead, alive):
+        path.write_bytes(b"partial")
+    monkeypatch.setattr(store_module, "_lock_is_free", lambda path: False)  # e.g. a file system without locks
+    assert remove_dead_temporaries(tmp_path) == [dead]
+    assert alive.exists()
+
+
+def test_full_disk_falls_back_to_memory_with_a_warning_naming_the_cache(frame, tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "posix_fallocate", no_space)
+    with caplog.at_level(logging.WARNING):
+        store = ImageStore.build(frame, 24, cache_dir=tmp_path)
+    assert torch.equal(store.images, torch.stack([load_image(path, 24) for path in frame["path"]]))
+    assert "No space left on device" in caplog.text and "HISTOTOKEN_CACHE" in caplog.text and str(tmp_path) in caplog.text
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_full_disk_and_no_memory_is_one_line_naming_the_cache(frame, tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(store_module.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(store_module, "_decode_into", out_of_memory)
+    with pytest.raises(ValueError, match=f"{tmp_path}.*No space left.*HISTOTOKEN_CACHE"):
+        ImageStore.build(frame, 24, cache_dir=tmp_path)
+
+
+def test_store_on_a_tiny_tmpfs_falls_back_to_memory_without_sigbus(synthetic_root, tmp_path):
+    """A real full file system: the build must not die of SIGBUS writing through the memory map."""
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs this as root)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+    try:
+        code = f"""
+import logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+from histotoken.data.index import load_index
+from histotoken.data.dataset import ImageStore
+frame = load_index({str(synthetic_root)!r}).frame.head(40)
+store = ImageStore.build(frame, 32, cache_dir={str(mount)!r})  # 40 x 3 x 32 x 32 = 123 kB > 64 kB
+print("images", tuple(store.images.shape))
+"""
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+    assert result.returncode == 0, f"rc {result.returncode} (SIGBUS is -7): {result.stderr[-1500:]}"
+    assert "images (40, 3, 32, 32)" in result.stdout and "into memory" in result.stdout
 
 
 def _build_in_child(frame, cache_dir) -> int:

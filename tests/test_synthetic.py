@@ -23,8 +23,8 @@ from histotoken.data.breakhis import (
     is_synthetic,
     label_of_subtype,
     parse_file_name,
-    scan_breakhis,
 )
+from histotoken.data.sources.breakhis import scan_breakhis
 from histotoken.data.synthetic import (
     GENERATOR_VERSION,
     SHARED_PATIENT_SUBTYPES,

@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from histotoken.data.sources import source_names
+
 TASKS = ("binary", "subtype", "classes")  # classes: the data's own classes (ImageFolder, CIFAR-10, tiles)
-DATA_FORMATS = ("auto", "breakhis", "imagefolder", "cifar10", "tiles")
+DATA_FORMATS = ("auto", *source_names())  # the data-source registry (histotoken.data.sources)
 BALANCING = ("none", "class_weights", "sampler")
 LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
 STAIN_NORMS = ("none", "macenko", "reinhard", "vahadane")  # see data/stain.py
@@ -71,8 +73,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"data_format must be one of {DATA_FORMATS}; got {self.data_format!r}")
+        if self.data_format not in ("auto", *source_names()):  # sources registered at run time count too
+            raise ValueError(f"data_format must be one of {('auto', *source_names())}; got {self.data_format!r}")
         if self.balancing not in BALANCING:
             raise ValueError(f"balancing must be one of {BALANCING}; got {self.balancing!r}")
         if self.stain_norm not in STAIN_NORMS:

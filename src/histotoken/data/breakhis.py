@@ -1,4 +1,4 @@
-"""The BreakHis layout: file-name parsing and the image index.
+"""The BreakHis layout: file-name grammar, class names, paths (the data source is ``data.sources.breakhis``).
 
 BreakHis (Spanhol et al., IEEE TBME 2016) stores images as::
 
@@ -6,7 +6,7 @@ BreakHis (Spanhol et al., IEEE TBME 2016) stores images as::
         SOB_<B|M>_<TT>_<YY>-<ID>/<40X|100X|200X|400X>/SOB_<B|M>_<TT>-<YY>-<ID>-<MAG>-<SEQ>.png
 
 The patient id is ``<YY>-<ID>`` (e.g. ``14-22549AB``). Everything downstream reads the
-index built here (one row per image), never the folder tree.
+index (one row per image, built by ``data.sources.breakhis.scan_breakhis``), never the folder tree.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from histotoken.data.decode import IMAGE_SUFFIXES  # noqa: F401 - re-exported for older imports
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ SUBTYPE_CODES: dict[str, str] = {
     "PC": "papillary_carcinoma",
 }
 CODE_OF_SUBTYPE: dict[str, str] = {name: code for code, name in SUBTYPE_CODES.items()}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-INDEX_COLUMNS = ["path", "patient_id", "tumor_class", "label", "magnification", "width", "height"]
 SYNTHETIC_MARKER = "histotoken_synthetic.json"
 
 # SOB_M_DC-14-2523-400-013.png  ->  B/M, subtype code, patient id, magnification, sequence
@@ -143,75 +142,6 @@ def is_synthetic(data_root: str | Path) -> bool:
     """True for a folder written by ``histotoken synth`` (it carries a marker file at its top)."""
     root = Path(data_root).expanduser().resolve()
     return any((folder / SYNTHETIC_MARKER).is_file() for folder in (root, *root.parents))
-
-
-@dataclasses.dataclass
-class IndexResult:
-    """The index plus every file that was left out and why."""
-
-    frame: pd.DataFrame
-    skipped: list[tuple[str, str]]  # (path, reason)
-    data_format: str = "breakhis"  # breakhis, imagefolder, cifar10 or tiles (see data.sources)
-    class_names: tuple[str, ...] | None = None  # the data's own classes (None for BreakHis: tasks name them)
-    grouped: bool = True  # whether patient_id names real patients/groups (False: every image its own group)
-
-
-def scan_breakhis(data_root: str | Path, check_images: bool = True) -> IndexResult:
-    """Walk a BreakHis tree once and return one row per usable image.
-
-    Files whose names do not parse, or that are not readable RGB-convertible images, are left
-    out and listed in ``skipped`` with the reason; nothing is written.
-    """
-    breast = find_breast_root(data_root)
-    rows, skipped = [], []
-    for path in sorted(_image_files(breast.rglob("*"))):
-        try:
-            parsed = parse_file_name(path)
-        except ValueError as error:
-            skipped.append((str(path), str(error)))
-            continue
-        width = height = 0
-        if check_images:
-            try:
-                width, height = probe_image(path)
-            except ValueError as error:
-                skipped.append((str(path), str(error)))
-                continue
-        rows.append(
-            {
-                "path": str(path.resolve()),
-                "patient_id": parsed.patient_id,
-                "tumor_class": parsed.tumor_class,
-                "label": parsed.label,
-                "magnification": parsed.magnification,
-                "width": width,
-                "height": height,
-            }
-        )
-    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    if frame.empty:
-        raise ValueError(f"no BreakHis images found below {breast}; check the folder or the file names")
-    for path, reason in skipped:
-        logger.warning("left out %s: %s", path, reason)
-    return IndexResult(frame, skipped)
-
-
-def _image_files(paths: Iterable[Path]) -> Iterable[Path]:
-    return (p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def probe_image(path: Path) -> tuple[int, int]:
-    """Open and fully decode an image; return (width, height) or raise ValueError with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decodes everything: catches truncated files
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"not a readable image ({error})") from error
 
 
 def counts_table(frame: pd.DataFrame) -> pd.DataFrame:

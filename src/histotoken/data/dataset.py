@@ -2,7 +2,8 @@
 
 Decoding a 700x460 PNG costs about 6 ms and would dominate small-image training, so every
 image is decoded once into a uint8 store at the model's input size (all of BreakHis at 224 px is
-about 1.2 GB). The store is a memory-mapped file in the cache (see ``data.store``), shared by
+about 1.2 GB). The store is a memory-mapped file in the cache (see ``data.store``, which also holds
+``load_image``: one image decoded and resized as the store does it), shared by
 every run and evaluation of a study that uses the same images, size and preprocessing.
 Unreadable images are left out and listed, so a bad file never crashes an epoch.
 """
@@ -18,23 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as F
+
+from histotoken.data.store import build_store, load_image  # noqa: F401 - load_image is re-exported here
 
 logger = logging.getLogger(__name__)
-
-
-def load_image(path: str, img_size: int) -> torch.Tensor:
-    """Decode an image (a file, or any index key such as a CIFAR-10 record) to (3, img_size, img_size) uint8.
-
-    Grayscale and RGBA images are converted to RGB with a warning naming the file; unreadable,
-    truncated or empty files raise ValueError naming the file.
-    """
-    from histotoken.data.sources import read_image
-
-    image = read_image(str(path))
-    if tuple(image.shape[-2:]) == (img_size, img_size):
-        return image
-    return F.resize(image, [img_size, img_size], antialias=True)
 
 
 @dataclasses.dataclass
@@ -64,8 +52,6 @@ class ImageStore:
         one store (decoded once, also across processes) and selects its rows from it.
         ``preprocess`` (named by ``preprocess_key``) runs on each decoded uint8 image before storing.
         """
-        from histotoken.data.store import build_store
-
         source = frame if universe is None else universe
         keys = frame["path"].astype(str)
         if universe is not None:

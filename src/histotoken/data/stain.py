@@ -199,15 +199,15 @@ def _check_image(image: torch.Tensor, name: str) -> None:
 
 def read_target(path: str | Path) -> torch.Tensor:
     """Decode a stain target image to a (3, H, W) uint8 RGB tensor, with errors naming the file."""
-    from torchvision.io import ImageReadMode, decode_image
+    from histotoken.data.decode import decode_image
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"stain target image {path} does not exist; give --stain-target an H&E image file")
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise ValueError(f"cannot decode stain target image {path}: {error}; give a PNG, JPEG or TIFF image") from None
+        return decode_image(path)
+    except ValueError as error:
+        raise ValueError(f"stain target: {error}; give a PNG, JPEG, TIFF, BMP or WebP image") from None
 
 
 def make_stain_normaliser(method: str, target_path: str | Path) -> tuple[StainNormaliser, str]:

@@ -1,6 +1,7 @@
 """Decode each image once per study: a uint8 store as a memory-mapped ``.npy`` file in the cache.
 
-A store holds the images of a sorted list of index keys (``sources.read_image`` reads any key),
+A store holds the images of a sorted list of index keys (``sources.read_image`` reads any key;
+``load_image`` here decodes and resizes one, exactly as the store does),
 decoded, resized to ``img_size`` x ``img_size`` and optionally preprocessed (e.g. stain
 normalisation), as one ``(N, 3, S, S)`` uint8 array. It lives in ``$HISTOTOKEN_CACHE/stores``
 (see ``data.index.cache_dir``) and is named by a hash of
@@ -21,16 +22,26 @@ Files, for a store named KEY (see docs/formats.md):
 - ``KEY.lock``: held (``fcntl.flock``) while one process builds, so a second waits for the first
   and then opens its result; where locks are unavailable both build and the last rename wins
   (both files hold the same bytes).
+- ``.KEY.<host>-<pid>.<random>.npy.tmp``: the file being written. Its blocks are reserved
+  (``posix_fallocate``) before any pixel is written through the memory map, so a full disk is an
+  ``OSError`` at the start, never a SIGBUS mid-build. A temporary left by a killed builder is removed
+  by the next build: its store's lock is free, or its process (on this host) is gone.
+
+When the cache cannot be written (full disk, read-only folder), the images are decoded into memory
+for this process with a warning naming the folder and ``$HISTOTOKEN_CACHE``; when memory does not
+suffice either, the error says the same in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histotoken.data.sources import read_image, split_key
 from histotoken.formats import STORES_DIR
 from histotoken.io import atomic_write_json
 
@@ -59,17 +71,28 @@ def default_store_dir() -> Path:
     return cache_dir() / STORES_DIR
 
 
+def load_image(key: str, img_size: int) -> torch.Tensor:
+    """Decode an index key (an image file, a CIFAR-10 record, a tile) to (3, img_size, img_size) uint8.
+
+    Decoding is :mod:`histotoken.data.decode`'s (through the key's source): grayscale, RGBA and deeper
+    images become 8-bit RGB with a warning naming the file; unreadable, truncated, empty or oversized
+    files raise ValueError naming the file.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    image = read_image(str(key))
+    if tuple(image.shape[-2:]) == (img_size, img_size):
+        return image
+    return F.resize(image, [img_size, img_size], antialias=True)
+
+
 def decode_resized(key: str, img_size: int) -> torch.Tensor:
     """Decode one index key to a (3, img_size, img_size) uint8 tensor; ValueError names the key."""
-    from histotoken.data.dataset import load_image
-
     return load_image(key, img_size)
 
 
 def store_key(keys: Sequence[str], img_size: int, preprocess_key: str = "") -> str:
     """Hash of the sorted keys (with their files' sizes and mtimes), the size and the preprocessing."""
-    from histotoken.data.sources import split_key
-
     digest = hashlib.sha1(f"v{STORE_VERSION};size={img_size};preprocess={preprocess_key}\n".encode())
     stats: dict[str, str] = {}
     for key in keys:
@@ -116,23 +139,39 @@ def open_store(directory: Path, name: str) -> DecodedStore | None:
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock while building; a no-op where the file system has none."""
+def _build_lock(path: Path) -> Iterator[bool]:
+    """An exclusive advisory lock while building; yields whether it is held (False where locks are missing)."""
     try:
         import fcntl
 
         handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
-    except (ImportError, OSError):
-        yield
+    except ImportError:
+        yield False
         return
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            held = True
         except OSError:
-            pass  # e.g. a network file system without locks: the atomic rename still keeps the store whole
-        yield
+            held = False  # e.g. a network file system without locks: the atomic rename still keeps the store whole
+        yield held
     finally:
         handle.close()
+
+
+def _lock_is_free(path: Path) -> bool:
+    """True when no process holds the build lock ``path`` (or it does not exist); False when unsure."""
+    if not path.exists():
+        return True
+    try:
+        import fcntl
+
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+    except (ImportError, OSError):
+        return False
 
 
 def build_store(
@@ -163,41 +202,120 @@ def build_store(
         return found
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with _build_lock(directory / f"{name}.lock"):
+        with _build_lock(directory / f"{name}.lock") as locked:
             found = open_store(directory, name)  # another process may have finished it meanwhile
             if found is not None:
                 return found
+            remove_dead_temporaries(directory, name if locked else None)
             _write_store(directory, name, keys, img_size, preprocess, preprocess_key, workers, progress)
     except OSError as error:
-        logger.warning("cannot write a decoded store in %s (%s); decoding into memory for this process only", directory, error)
-        images = np.zeros((len(keys), 3, img_size, img_size), dtype=np.uint8)
-        errors = _decode_into(images, keys, img_size, preprocess, workers, progress)
-        return DecodedStore(images, keys, errors, directory / f"{name}.npy")
+        return _build_in_memory(directory, name, keys, img_size, preprocess, workers, progress, error)
     found = open_store(directory, name)
     if found is None:
         raise RuntimeError(f"decoded store {directory / name}.npy was written but cannot be opened; delete it and retry")
     return found
 
 
-STALE_TEMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a builder that died
+def _build_in_memory(directory, name, keys, img_size, preprocess, workers, progress, error: OSError) -> DecodedStore:
+    """The fallback when the cache cannot be written: decode into this process's memory, or one clear error."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    size_gb = len(keys) * 3 * img_size * img_size / 1e9
+    logger.warning(
+        "cannot write the decoded-image cache in %s (%s); decoding %d images (%.2f GB) into memory for this "
+        "process only. Free space there or set HISTOTOKEN_CACHE to a writable folder with room",
+        directory, reason, len(keys), size_gb,
+    )
+    try:
+        images = np.zeros((len(keys), 3, img_size, img_size), dtype=np.uint8)
+        errors = _decode_into(images, keys, img_size, preprocess, workers, progress)
+    except MemoryError:
+        raise ValueError(
+            f"the decoded-image cache {directory} cannot be written ({reason}) and {size_gb:.2f} GB of images do "
+            "not fit in memory; free space there or set HISTOTOKEN_CACHE to a writable folder with room"
+        ) from None
+    return DecodedStore(images, keys, errors, directory / f"{name}.npy")
 
 
-def _remove_stale_temporaries(directory: Path, name: str) -> None:
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a builder that died, whatever else holds
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temporary_name(name: str) -> str:
+    return f".{name}.{_HOST}-{os.getpid()}.{uuid.uuid4().hex[:8]}.npy.tmp"
+
+
+def _owner_is_dead(tmp: Path) -> bool:
+    """True when the temporary's name says it was made on this host by a process that no longer exists."""
+    parts = tmp.name.split(".")  # ['', KEY, HOST-PID, RANDOM, 'npy', 'tmp']
+    host, _, pid = parts[2].partition("-") if len(parts) == 6 else ("", "", "")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists but belongs to another user
+    return False
+
+
+def remove_dead_temporaries(directory: Path, held: str | None = None) -> list[Path]:
+    """Delete temporaries that no builder is writing: those of store ``held`` (whose lock this process holds),
+    those whose store lock is free, those of a dead process on this host and any older than a day."""
+    removed = []
     now = time.time()
-    for tmp in directory.glob(f".{name}.*.npy.tmp"):
+    for tmp in directory.glob(".*.npy.tmp"):
+        store = tmp.name[1:].split(".")[0]
         with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+            if (
+                store == held
+                or _lock_is_free(directory / f"{store}.lock")
+                or _owner_is_dead(tmp)
+                or now - tmp.stat().st_mtime > STALE_TEMP_SECONDS
+            ):
                 tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        logger.info("removed %d temporary file(s) left by killed store builds in %s", len(removed), directory)
+    return removed
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` now, so that writes through a memory map cannot hit a full disk."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            _write_zeros(handle, size)  # no fallocate here: write every block instead
+        except AttributeError:  # no posix_fallocate on this platform
+            _write_zeros(handle, size)
+
+
+def _write_zeros(handle, size: int, block: int = 1 << 24) -> None:
+    handle.seek(0)
+    zeros = bytes(block)
+    written = 0
+    while written < size:
+        count = min(block, size - written)
+        handle.write(zeros[:count])
+        written += count
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _write_store(directory, name, keys, img_size, preprocess, preprocess_key, workers, progress) -> None:
     npy = directory / f"{name}.npy"
-    _remove_stale_temporaries(directory, name)
-    tmp = directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy.tmp"
+    tmp = directory / _temporary_name(name)
     shape = (len(keys), 3, img_size, img_size)
     logger.info("decoding %d images at %d px into %s", len(keys), img_size, npy)
     try:
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        offset = header.offset
+        del header
+        _reserve(tmp, offset + int(np.prod(shape)))  # the header, then every pixel byte
+        images = np.lib.format.open_memmap(tmp, mode="r+")
         errors = _decode_into(images, keys, img_size, preprocess, workers, progress)
         images.flush()
         del images

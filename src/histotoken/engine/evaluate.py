@@ -3,12 +3,13 @@
 The test images are the run's frozen test patients, at the requested magnification(s), so
 in-domain and cross-domain figures come from the same patients. Inference runs through Lightning
 (:func:`histotoken.engine.inference.predict_logits`) on the run's accelerator, devices and
-precision, and counts every readable test image exactly once. Headline metrics equal
-scikit-learn's (:mod:`histotoken.engine.metrics`, vectorised over bootstrap resamples);
-per-class scores and the confusion matrix come from scikit-learn. The 95% intervals are a
-percentile bootstrap over test *patients* (images of a patient are correlated, so resampling
-images would understate the uncertainty). Beside each eval/<domain>.json, the per-image
-predictions go to eval/<domain>.predictions.csv for paired comparisons between runs.
+precision, and counts every readable test image exactly once. Metrics, per-class scores and
+the 95% intervals come from :mod:`histotoken.stats` (scikit-learn's definitions; a percentile
+bootstrap over test *patients*, within classes when each class has two or more: images of a
+patient are correlated, so resampling images would understate the uncertainty), as in the
+report. ``notes`` in the result says what the numbers cannot support. Beside each
+eval/<domain>.json, the per-image predictions go to eval/<domain>.predictions.csv for paired
+comparisons between runs.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from histotoken.data.breakhis import find_breast_root, is_synthetic
+from histotoken import stats
+from histotoken.data.breakhis import is_synthetic
 from histotoken.data.domains import domain_name, select_domain
 from histotoken.data.splits import read_split
-from histotoken.engine.metrics import headline_metrics
 from histotoken.formats import (
+    EVAL_NOTES,
     HEADLINE_METRICS,
     PROBABILITY_PREFIX,
     RunPaths,
@@ -45,63 +46,44 @@ def compute_metrics(
     class_names: Sequence[str],
     n_bootstrap: int = 1000,
     seed: int = 0,
+    unit: str = "patients",
 ) -> dict[str, Any]:
-    """Image-level metrics, per-class scores, confusion matrix, patient accuracy and bootstrap CIs.
+    """Image-level metrics, per-class scores, confusion matrix, patient accuracy, bootstrap CIs and notes.
 
-    With ``n_bootstrap=0`` no intervals are computed and ``ci95`` is None.
+    Everything is read off per-patient confusion matrices by :mod:`histotoken.stats` (scikit-learn's
+    definitions); the intervals resample whole patients (``unit``: the groups, e.g. slides), within
+    classes when every class has two or more (``resampling`` says which). ``notes`` lists what the
+    numbers cannot support (:func:`histotoken.stats.evaluation_notes`). With ``n_bootstrap=0`` no
+    intervals are computed and ``ci95`` is None.
     """
     y_true, y_pred = np.array(y_true, dtype=np.int64), np.array(y_pred, dtype=np.int64)
-    patients = np.asarray(patient_ids)
-    labels = list(range(len(class_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    patients = np.asarray(patient_ids).astype(str)
+    _, confusions = stats.group_confusions(y_true, y_pred, patients, len(class_names))  # (P, C, C)
+    total = confusions.sum(0)
+    point = stats.metrics_from_confusion(total)
+    scores = stats.per_class_scores(total)
     correct = pd.Series(y_true == y_pred).groupby(patients).mean()
-    point = headline_metrics(torch.as_tensor(y_true), torch.as_tensor(y_pred), len(labels))
+    intervals = None
+    if n_bootstrap > 0 and len(confusions):
+        intervals = stats.metric_intervals(confusions, n_bootstrap, np.random.default_rng(seed))
     return {
-        **{name: float(value[0]) for name, value in point.items()},
+        **{name: float(point[name]) for name in HEADLINE_METRICS},
         # BreakHis patient recognition rate: mean over patients of their fraction of correct images.
         "patient_accuracy": float(correct.mean()),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+            for name, p, r, f, s in zip(
+                class_names, scores["precision"], scores["recall"], scores["f1"], scores["support"]
+            )
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": total.tolist(),
         "class_names": list(class_names),
         "n_images": int(len(y_true)),
         "n_patients": int(len(correct)),
         "n_bootstrap": int(max(n_bootstrap, 0)),
-        "ci95": bootstrap_ci(y_true, y_pred, patients, len(labels), n_bootstrap, seed),
-    }
-
-
-def bootstrap_resamples(patients: np.ndarray, n_bootstrap: int, seed: int) -> np.ndarray:
-    """(R, width) image indices of R resamples of whole patients with replacement; -1 pads shorter rows."""
-    rng = np.random.default_rng(seed)
-    patients = np.asarray(patients)
-    unique = np.unique(patients)
-    rows_of = [np.flatnonzero(patients == patient) for patient in unique]
-    samples = [np.concatenate([rows_of[i] for i in rng.integers(0, len(unique), len(unique))]) for _ in range(n_bootstrap)]
-    width = max(len(rows) for rows in samples)
-    index = np.full((n_bootstrap, width), -1)
-    for row, rows in enumerate(samples):
-        index[row, : len(rows)] = rows
-    return index
-
-
-def bootstrap_ci(
-    y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, num_classes: int, n_bootstrap: int, seed: int
-) -> dict[str, list[float]] | None:
-    """95% percentile intervals from resampling whole patients with replacement (None without resamples)."""
-    if n_bootstrap <= 0:
-        return None
-    index = bootstrap_resamples(patients, n_bootstrap, seed)
-    pad = index < 0
-    truth = torch.as_tensor(np.where(pad, -1, y_true[index]))  # (R, width), -1 where a resample is shorter
-    predicted = torch.as_tensor(np.where(pad, 0, y_pred[index]))
-    values = headline_metrics(truth, predicted, num_classes)
-    return {
-        name: [float(v) for v in np.percentile(values[name].numpy(), [2.5, 97.5])] for name in HEADLINE_METRICS
+        "ci95": intervals.ci95 if intervals else None,
+        "resampling": intervals.scheme if intervals else None,
+        EVAL_NOTES: stats.evaluation_notes(confusions, class_names, intervals, unit),
     }
 
 
@@ -163,19 +145,11 @@ def load_best_model(run_dir: Path, merge_r: int | None = None) -> tuple[torch.nn
     return model, {**meta, "eval_merge_r": merge}
 
 
-def _rebase_paths(frame: pd.DataFrame, data_root: str | Path) -> pd.DataFrame:
-    """Point the split's image paths at another copy of the data (same layout below ``breast``)."""
-    breast = find_breast_root(data_root)
+def _rebase_paths(frame: pd.DataFrame, data_root: str | Path, data_format: str = "auto") -> pd.DataFrame:
+    """Point the split's keys at another copy of the data, whatever its source (see ``DataSource.rebase``)."""
+    from histotoken.data.sources import rebase_frame
 
-    def rebase(path: str) -> str:
-        parts = Path(path).parts
-        if "breast" not in parts:
-            raise ValueError(f"split path {path} is not inside a BreakHis 'breast' folder; cannot move it to {breast}")
-        return str(breast.joinpath(*parts[len(parts) - parts[::-1].index("breast"):]))
-
-    frame = frame.copy()
-    frame["path"] = frame["path"].map(rebase)
-    return frame
+    return rebase_frame(frame, data_root, data_format)
 
 
 def run_settings(run_dir: Path) -> dict[str, Any]:
@@ -216,9 +190,9 @@ def evaluate_run(
     paths = RunPaths(Path(run_dir))
     config = run_settings(paths.root)
     model, meta = load_best_model(paths.root, merge_r)
-    split = read_split(paths.splits)
+    split = read_split(paths.splits, image_scheme=config.get("split_scheme") == "image")  # older image-split runs
     if data_root is not None:
-        split = _rebase_paths(split, data_root)
+        split = _rebase_paths(split, data_root, config.get("data_format", "auto"))
     test = select_domain(split[split["split"] == "test"], domain, f"the test split of {paths.splits}")
     # The split as a whole is the store's universe: every run and domain of a study shares one decoded store.
     preprocess, preprocess_key = saved_stain_normaliser(paths.root)  # (None, "") without stain normalisation
