@@ -288,6 +288,7 @@ SLIDE_PREDICTIONS_DIR = "tiles"  # tiles/<slide>.parquet: the tile table plus pr
 SLIDE_HEATMAPS_DIR = "heatmaps"  # heatmaps/<slide>.png: tumour probability over the thumbnail
 SLIDE_SCORES = "slides.csv"  # one row per slide (SLIDE_SCORE_COLUMNS)
 SLIDE_EVAL = "eval.json"  # with slide labels: slide- and tile-level metrics (eval/<domain>.json shape)
+SLIDE_PREDICTION = "prediction.json"  # run (model, run id), classes, threshold and slide score used
 SLIDE_SCORE_COLUMNS = ("slide", "n_tiles", "score_max", "score_topk_mean", "prediction", "slide_label", "patient_id")
 
 

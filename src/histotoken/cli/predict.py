@@ -16,6 +16,7 @@ their outputs go to the --out folder (or beside the CSV, in a folder of the same
 Examples:
   histotoken predict runs/r18_100 new_images/ --out predictions.csv
   histotoken predict runs/r18_100 a.png b.png --tta
+  histotoken predict runs/wsi slides/ --out slide_predictions --export-annotations geojson --export-regions
 """
 
 
@@ -39,6 +40,13 @@ def add_parser(subparsers):
     slides.add_argument("--slide-score", choices=("max", "topk_mean"), default="max", help="score behind slide predictions")
     slides.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of slides for the 95%% intervals")
     slides.add_argument("--workers", type=int, default=1, help="slides tiled in parallel processes")
+    slides.add_argument(
+        "--export-annotations", choices=("geojson", "asap"), metavar="geojson|asap",
+        help="also write DIR/annotations/<slide>.geojson (QuPath: File > Import objects) or .xml (ASAP): every tile "
+             "as a level-0 polygon with its predicted class and probabilities",
+    )
+    slides.add_argument("--export-regions", action="store_true",
+                        help="with --export-annotations: add tumour regions merged from adjacent tiles above the threshold")
     return parser
 
 
@@ -48,6 +56,8 @@ def run(args) -> int:
     from histotoken.engine.predict import collect_inputs, predict_images, split_slides
     from histotoken.io import atomic_write_text
 
+    if args.export_regions and not args.export_annotations:
+        raise ValueError("--export-regions adds regions to the exported annotations; add --export-annotations geojson|asap")
     run_dir = Path(args.run_dir)
     out = Path(args.out)
     csv_path = out if out.suffix.lower() == ".csv" else out / "predictions.csv"
@@ -69,14 +79,15 @@ def run(args) -> int:
 
 def predict_slides_for_cli(args, run_dir, slides, out_dir) -> None:
     """Whole-slide inputs: tile and score each slide (histotoken.engine.slides); slide options go here."""
+    from pathlib import Path
+
     from histotoken.data.wsi.annotations import parse_label_map
     from histotoken.engine.predict import predict_slides_dispatch
-
     result = predict_slides_dispatch(
         run_dir, slides, out_dir, batch_size=args.batch_size, accelerator=args.accelerator,
         annotations_dir=args.annotations, labels_csv=args.labels, label_map=parse_label_map(args.label_map),
         slide_mpp=args.slide_mpp, top_k=args.top_k, slide_score=args.slide_score, n_bootstrap=args.bootstrap,
-        workers=args.workers,
+        workers=args.workers, export_annotations=args.export_annotations, export_regions=args.export_regions,
     )
     print(f"{len(result['slides'])} slides scored, {len(result['failed'])} failed")
     for _, row in result["failed"].iterrows():
@@ -88,7 +99,14 @@ def predict_slides_for_cli(args, run_dir, slides, out_dir) -> None:
         auroc = "n/a" if evaluation["auroc"] is None else f"{evaluation['auroc']:.3f}{interval}"
         print(f"slides: AUROC {auroc}, accuracy {evaluation['accuracy']:.3f} ({evaluation['n_slides']} slides, "
               f"{evaluation['slide_score']} score)")
+        for note in evaluation.get("notes") or []:
+            print(f"  NOTE: {note}")
     from histotoken.reporting.slides import build_slide_report
 
     report = build_slide_report(out_dir)
-    print(f"slide outputs written to {out_dir}; heatmaps next to the annotations in {report}")
+    if args.export_annotations:
+        from histotoken.engine.annotations_export import ANNOTATIONS_EXPORT_DIR
+
+        print(f"annotations for {'QuPath' if args.export_annotations == 'geojson' else 'ASAP'} written to "
+              f"{Path(out_dir) / ANNOTATIONS_EXPORT_DIR}")
+    print(f"slide outputs written to {out_dir}; slide report: {report}")

@@ -129,9 +129,13 @@ def predict_slides(
     workers: int = 1,
     num_workers: int = 0,
     accelerator: str | None = None,
+    export_annotations: str | None = None,
+    export_regions: bool = False,
 ) -> dict[str, Any]:
     """Score ``slides`` with the run in ``run_dir``; write tile probabilities, heatmaps, slide scores under
-    ``out_dir`` (and ``eval.json`` with slide labels). Returns ``{"slides": DataFrame, "eval": dict | None,
+    ``out_dir`` (and ``eval.json`` with slide labels; with ``export_annotations`` "geojson" or "asap", the tiles
+    as QuPath/ASAP annotations, plus merged tumour regions with ``export_regions``). Returns
+    ``{"slides": DataFrame, "eval": dict | None,
     "failed": DataFrame}``."""
     from histotoken.data.stain import saved_stain_normaliser
     from histotoken.data.transforms import model_normalisation
@@ -143,6 +147,10 @@ def predict_slides(
 
     if slide_score not in SLIDE_SCORES:
         raise ValueError(f"slide score must be one of {SLIDE_SCORES}, not {slide_score!r}")
+    from histotoken.engine.annotations_export import EXPORT_FORMATS
+
+    if export_annotations is not None and export_annotations not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, not {export_annotations!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, meta = load_best_model(run_dir)
     class_names = list(meta["class_names"])
@@ -186,7 +194,8 @@ def predict_slides(
         in_slide = (table["slide"] == name).to_numpy()
         slide_table = table[in_slide].reset_index(drop=True)
         score_max, score_topk = slide_scores(tumor_probability[in_slide], top_k)
-        _write_slide_outputs(out_dir, name, slide_table, tumor_probability[in_slide], jobs[names.index(name)], settings)
+        _write_slide_outputs(out_dir, name, slide_table, tumor_probability[in_slide], jobs[names.index(name)], settings,
+                             (export_annotations, export_regions, threshold))
         record = done[done["slide"] == name].iloc[0]
         score = score_max if slide_score == "max" else score_topk
         rows.append({
@@ -196,6 +205,12 @@ def predict_slides(
         })
     scores = pd.DataFrame(rows, columns=list(formats.SLIDE_SCORE_COLUMNS))
     atomic_write_text(out_dir / formats.SLIDE_SCORES, scores.to_csv(index=False))
+    atomic_write_json(out_dir / formats.SLIDE_PREDICTION, {  # what the slide report states: run, threshold
+        "model_name": meta["model_name"], "run_id": run_dir.resolve().name, "run_dir": str(run_dir),
+        "class_names": class_names, "tumor_class": class_names[tumor_index], "slides": names,
+        "threshold": threshold, "slide_score": slide_score, "top_k": top_k,
+        "threshold_source": "default" if threshold == 0.5 else "given",
+    })
 
     # 4. Metrics where slide labels are known.
     evaluation = None
@@ -230,8 +245,9 @@ def predict_slides(
 
 
 def _write_slide_outputs(out_dir: Path, name: str, table: pd.DataFrame, tumor_probability: np.ndarray, job,
-                         settings) -> None:
-    """tiles/<slide>.parquet (with probabilities) and heatmaps/<slide>.png (with annotation outlines)."""
+                         settings, export: tuple[str | None, bool, float] = (None, False, 0.5)) -> None:
+    """tiles/<slide>.parquet (with probabilities), heatmaps/<slide>.png (with annotation outlines) and, with
+    ``export`` (format, regions, threshold), annotations/<slide>.geojson|.xml for QuPath/ASAP."""
     from histotoken.data.wsi.annotations import read_annotations
     from histotoken.data.wsi.reader import open_slide
     from histotoken.data.wsi.thumbnails import heatmap, png_bytes
@@ -246,3 +262,8 @@ def _write_slide_outputs(out_dir: Path, name: str, table: pd.DataFrame, tumor_pr
     annotations = read_annotations(job.annotation_path, job.label_map) if job.annotation_path else None
     picture = heatmap(image, scale, table["x"], table["y"], size, tumor_probability, annotations)
     atomic_write_bytes(out_dir / formats.SLIDE_HEATMAPS_DIR / f"{name}.png", png_bytes(picture))
+    export_format, regions, threshold = export
+    if export_format is not None:
+        from histotoken.engine.annotations_export import write_annotation_export
+
+        write_annotation_export(out_dir, name, table, size, export_format, tumor_probability, threshold, regions)
