@@ -82,7 +82,7 @@ def test_tile_train_predict_heatmap_on_two_slides(slide_set, tmp_path):
     from PIL import Image
 
     with Image.open(out / formats.SLIDE_HEATMAPS_DIR / f"{TUMOR_SLIDE}.png") as picture:
-        assert picture.size == (256, 192)
+        assert picture.size == (64, 48)  # the tissue mask's resolution (8 um/px), read in bounded blocks
     _check_asap_export(out, tiles)
     evaluation = json.loads((out / formats.SLIDE_EVAL).read_text())
     assert evaluation == result["eval"]

@@ -252,12 +252,12 @@ def _write_slide_outputs(out_dir: Path, name: str, table: pd.DataFrame, tumor_pr
     from histotoken.data.wsi.reader import open_slide
     from histotoken.data.wsi.thumbnails import heatmap, png_bytes
     from histotoken.data.wsi.tiling import parquet_bytes
+    from histotoken.data.wsi.tissue import read_at_mpp
 
     atomic_write_bytes(out_dir / formats.SLIDE_PREDICTIONS_DIR / f"{name}.parquet", parquet_bytes(table))
     with open_slide(job.path, job.slide_mpp) as slide:
-        level = slide.best_level(settings.tissue.mask_mpp / slide.mpp)
-        image = slide.read_level(level)
-        scale = (slide.dimensions[0] / image.shape[1], slide.dimensions[1] / image.shape[0])
+        # the tissue mask's own bounded read (blocks of the nearest level, shrunk as they arrive)
+        image, _, scale = read_at_mpp(slide, settings.tissue.mask_mpp)
         size = settings.tile_size * slide.downsample_for(settings.resolution)
     annotations = read_annotations(job.annotation_path, job.label_map) if job.annotation_path else None
     picture = heatmap(image, scale, table["x"], table["y"], size, tumor_probability, annotations)

@@ -1,7 +1,7 @@
 """The words a report uses for its data: "patients" and "tumour class" for BreakHis, "images" for CIFAR-10, ...
 
-The kind of data comes from the study's files only: the runs' ``config.yaml`` (the engine records the
-resolved kind there), then ``spec.yaml``. Older folders say ``auto`` or nothing; then the frozen
+The kind of data comes from the study's files only: a run's ``config.yaml`` when it names a kind,
+then ``dataset.json`` (the grid records the detected source there), then ``spec.yaml``. Older folders say ``auto`` or nothing; then the frozen
 splits tell: CIFAR-10 and tile keys (``<file>.bin#<n>``, ``<table>.parquet#<n>``: each source's
 ``key_suffix``) name their source, and magnifications all in {40, 100, 200, 400} mean BreakHis.
 Anything else gets ImageFolder's words.
@@ -47,7 +47,7 @@ def data_kind(study: StudyFiles) -> str:
             return kind
         if config:
             break  # the runs share one data folder: one config saying "auto" is enough
-    kind = _named_kind([(study.spec or {}).get("data_format")])
+    kind = _named_kind([(study.dataset or {}).get("data_format"), (study.spec or {}).get("data_format")])
     if kind:
         return kind
     return infer_kind(list(study.split_files.values()), (study.dataset or {}).get("counts") or [])
@@ -140,7 +140,7 @@ def _same_case(found: str, new: str) -> str:
 
 def blocks_in_words(blocks: list, words: SourceWords) -> list:
     """Copies of report blocks with their prose in the data's words (table cells and code unchanged)."""
-    from histotoken.reporting.blocks import Details, FigureBlock, Heading, Note, Paragraph, Table
+    from histotoken.reporting.blocks import Bullets, Details, FigureBlock, Heading, Note, Paragraph, Table
 
     def say(text: str) -> str:
         return in_words(text, words)
@@ -151,6 +151,8 @@ def blocks_in_words(blocks: list, words: SourceWords) -> list:
             pass
         elif isinstance(block, Paragraph | Note | Heading):
             block = dataclasses.replace(block, text=say(block.text))
+        elif isinstance(block, Bullets):
+            block = dataclasses.replace(block, items=[say(item) for item in block.items])
         elif isinstance(block, Table):
             frame = block.frame.rename(columns=lambda column: say(column) if isinstance(column, str) else column)
             block = dataclasses.replace(block, frame=frame, caption=say(block.caption))
