@@ -157,7 +157,7 @@ def test_two_grid_processes_on_one_study_run_every_run_exactly_once(synthetic_ro
         run_dir = StudyPaths(study).run_dir(run_id)
         assert len(attempts(run_dir)) == 1, run_id  # trained by one worker, once
         metrics = pd.read_csv(RunPaths(run_dir).metrics)
-        assert metrics["epoch"].dropna().astype(int).tolist() == [0]
+        assert metrics["epoch"].dropna().astype(int).tolist() == [1]
         assert not RunPaths(run_dir).claim.exists()
     results = pd.read_csv(study / "results.csv", dtype={"test_domain": str})
     assert not results.duplicated(["run_id", "test_domain", "metric"]).any()
@@ -197,7 +197,7 @@ def test_report_rebuilds_the_study_tables_from_the_run_folders(tmp_path, monkeyp
     before = pd.read_csv(study / "results.csv").sort_values(["run_id", "test_domain", "metric"], ignore_index=True)
     (study / "results.csv").unlink()
     (study / "runs.csv").unlink()
-    monkeypatch.setattr(histotoken.reporting, "build_report", lambda study_dir, out=None: study / "report.html")
+    monkeypatch.setattr(histotoken.reporting, "build_report", lambda study_dir, out=None, **kwargs: study / "report.html")
     assert main(["report", str(study)]) == 0
     after = pd.read_csv(study / "results.csv").sort_values(["run_id", "test_domain", "metric"], ignore_index=True)
     pd.testing.assert_frame_equal(after, before, check_dtype=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from histotoken.cli.common import add_command
+from histotoken.cli.common import DATA_FORMAT_CHOICES, add_command
 
 DESCRIPTION = """\
 Run every combination of a study file: models x tasks x train domains x seeds (or folds).
@@ -17,9 +17,11 @@ fails is recorded with its error and the grid goes on; Ctrl-C or SIGTERM stops t
 --dry-run lists what would run.
 
 Clusters and several machines:
-  --launcher slurm       one SLURM job per pending run (a job array through submitit), a GPU per
-                         task; partition, time and memory from the spec's `launcher:` block or the
-                         flags below. Waits and collects, or returns at once with --no-wait.
+  --launcher slurm       one SLURM job per pending run (a job array through submitit); partition,
+                         time and memory from the spec's `launcher:` block or the flags below; GPUs
+                         and CPUs per task, unless given, what a node of the partition has (sinfo:
+                         1 GPU if it has any, 8 CPUs or fewer). `launcher: {python: PATH}` picks the
+                         nodes' interpreter. Waits and collects, or returns at once with --no-wait.
   --launcher submitit-local   the same jobs as local processes, --parallel at a time (default 2).
   --shard I/N            run only runs I, I+N, I+2N, ... of the run list sorted by run id
                          (0 <= I < N), e.g. one Kubernetes indexed job or one machine each.
@@ -46,7 +48,7 @@ def add_parser(subparsers):
     parser.add_argument("spec", metavar="SPEC.yaml", help="study file (see configs/)")
     parser.add_argument("--out", required=True, metavar="STUDY_DIR", help="study folder to write (or resume)")
     parser.add_argument("--data", metavar="DATA_ROOT", help="data root (overrides the file's 'data:')")
-    parser.add_argument("--data-format", choices=("auto", "breakhis", "imagefolder", "cifar10", "tiles"),
+    parser.add_argument("--data-format", choices=DATA_FORMAT_CHOICES,
                         help="kind of data folder (overrides the file's 'data_format:'; default auto-detected)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     parser.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
@@ -58,10 +60,12 @@ def add_parser(subparsers):
     parser.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
     cluster = parser.add_argument_group("job resources (override the spec's launcher: block)")
     cluster.add_argument("--partition", help="SLURM partition")
-    cluster.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per run (default 1)")
+    cluster.add_argument("--gpus-per-task", type=int, metavar="N",
+                         help="GPUs per run (default: 1 if the partition's nodes have GPUs (sinfo), else 0)")
     cluster.add_argument("--timeout-min", type=int, metavar="MIN", help="time limit per run (default 1440)")
     cluster.add_argument("--mem-gb", type=float, metavar="GB", help="memory per run")
-    cluster.add_argument("--cpus-per-task", type=int, metavar="N", help="CPU cores per run (default 8)")
+    cluster.add_argument("--cpus-per-task", type=int, metavar="N",
+                         help="CPU cores per run (default: 8, or all of a smaller node's; 2 when sinfo is absent)")
     cluster.add_argument("--parallel", type=int, metavar="N",
                          help="runs at once (slurm: array parallelism; submitit-local: default 2)")
     cluster.add_argument("--claim-timeout-min", type=float, metavar="MIN",
@@ -85,12 +89,13 @@ def run(args) -> int:
     settings = launcher_settings(spec.launcher, overrides, str(spec_path))
     if args.collect:
         print(f"collecting study {spec.name} from {args.out}/runs", flush=True)
-        return print_outcome(collect_study(spec, args.out, build_report=not args.no_report))
+        return print_outcome(collect_study(spec, args.out, build_report=not args.no_report), signal_exit=False)
     if args.dry_run:
         outcome = run_grid(spec, args.out, dry_run=True, shard=shard, claim_timeout_s=settings.claim_timeout_s)
         print(outcome.runs.to_string(index=False))
         counts = outcome.runs["state"].value_counts()
-        print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(outcome.runs)} runs")
+        print("\n" + ", ".join(f"{n} {state}{RESUMABLE.get(state, '')}" for state, n in counts.items())
+              + f" of {len(outcome.runs)} runs")
         return 0
     if args.no_wait and args.launcher != "slurm":
         raise ValueError("--no-wait needs --launcher slurm (local runs are processes of this command)")
@@ -105,8 +110,7 @@ def run(args) -> int:
         collect=shard is None, claim_timeout_s=settings.claim_timeout_s,
     )
     if shard is not None:
-        print(f"shard {shard[0]}/{shard[1]} done. When every shard has ended: "
-              f"histotoken grid {args.spec} --out {args.out} --collect")
+        print(f"shard {shard[0]}/{shard[1]} done. When every shard has ended:\n  {collect_command(args)}")
         return 1 if (outcome.runs["status"] == "failed").any() else 0
     return print_outcome(outcome)
 
@@ -135,25 +139,65 @@ def launch(spec, args, runs, settings) -> int:
     )
     if args.no_wait:
         print(f"\n{len(submitted)} jobs submitted (logs in {args.out}/submitit). When they have ended:\n"
-              f"  histotoken grid {args.spec} --out {args.out} --collect")
+              f"  {collect_command(args)}")
         return 0
     return print_outcome(collect_study(spec, args.out, build_report=not args.no_report))
 
 
+RESUMABLE = {"partial": " (resumable)", "interrupted": " (resumable)"}
+
+
+def collect_command(args) -> str:
+    """The --collect command for this study, with every option it needs to find the same spec and data."""
+    import shlex
+
+    words = ["histotoken", "grid", args.spec, "--out", str(args.out)]
+    if args.data:
+        words += ["--data", args.data]
+    if args.data_format:
+        words += ["--data-format", args.data_format]
+    if args.no_report:
+        words.append("--no-report")
+    return shlex.join([*words, "--collect"])
+
+
 def print_run(number, total, run, state) -> None:
-    action = "already done" if state == "done" else ("resuming" if state == "partial" else "running")
+    action = "already done" if state == "done" else ("resuming" if state in RESUMABLE else "running")
     print(f"[{number}/{total}] {run.run_id}: {action}", flush=True)
 
 
-def print_outcome(outcome) -> int:
-    """Failed runs, then where the results and the report are; exit status 1 if a run failed."""
+def print_outcome(outcome, signal_exit: bool = True) -> int:
+    """Failed and interrupted runs, then where the results and the report are.
+
+    Exit status: 1 if a run failed; else, with ``signal_exit``, 128 + the signal that interrupted a
+    run (130 SIGINT, 143 SIGTERM), as the grid itself exits when it is interrupted; else 0.
+    """
     failed = outcome.runs[outcome.runs["status"] == "failed"]
     for row in failed.itertuples():
         print(f"FAILED {row.run_id}: {row.error}")
+    interrupted = outcome.runs[outcome.runs["status"] == "interrupted"]
+    for row in interrupted.itertuples():
+        print(f"INTERRUPTED {row.run_id}: {row.error or 'its worker stopped'}; re-run the same command to resume it")
     print(f"\nresults: {outcome.results_csv}")
     if outcome.report:
         print(f"report:  {outcome.report}  (open it in a browser; it is one self-contained file)")
-    return 1 if len(failed) else 0
+    if len(failed):
+        return 1
+    if signal_exit and len(interrupted):
+        return interruption_exit_code(interrupted["error"])
+    return 0
+
+
+def interruption_exit_code(errors) -> int:
+    """128 + the signal named in an interrupted run's error ("RunInterrupted: received SIGINT"); SIGTERM's if none."""
+    import re
+    import signal
+
+    for error in errors:
+        found = re.search(r"received (SIG[A-Z0-9]+)", str(error))
+        if found and found.group(1) in signal.Signals.__members__:
+            return 128 + signal.Signals[found.group(1)]
+    return 128 + signal.SIGTERM
 
 
 def resolve_spec_path(text: str):

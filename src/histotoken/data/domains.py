@@ -41,9 +41,10 @@ def select_domain(frame: pd.DataFrame, domain: str, what: str = "the data") -> p
     magnification 0); any other domain on such data is an error.
     """
     mags = parse_domain(domain)
+    if frame.empty:  # before any talk of magnifications: an empty split has none, whatever the data
+        raise ValueError(f"{what} is empty (no images); check the split (val_fraction, test_fraction, "
+                         "or a data set too small to give every split a patient)")
     if mags == MAGNIFICATIONS:
-        if frame.empty:
-            raise ValueError(f"{what} has no images; check the split")
         return frame
     if not frame["magnification"].isin(MAGNIFICATIONS).any():
         raise ValueError(

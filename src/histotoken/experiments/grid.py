@@ -56,17 +56,23 @@ class RunOutcome:
 def run_state(study_dir: Path, run: PlannedRun, spec: StudySpec,
               claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S) -> str:
     """done (trained and evaluated on every test domain), claimed (another worker holds it),
-    failed, partial (resumable), or pending."""
+    failed, interrupted (stopped by a signal; resumable), partial (resumable), or pending."""
     paths = RunPaths(StudyPaths(Path(study_dir)).run_dir(run.run_id))
     if locks.active_claim(paths.root, claim_timeout_s) is not None:
         return "claimed"
+    return _folder_state(paths, spec)
+
+
+def _folder_state(paths: RunPaths, spec: StudySpec) -> str:
+    """What the run folder says, whoever holds its claim: done, failed, interrupted, partial or pending."""
     if not paths.status.is_file():
         return "pending"
-    status = read_json(paths.status)
-    state = status.get("state")
+    state = read_json(paths.status).get("state")
     if state == formats.STATE_FINISHED:
         missing = [d for d in spec.test_domains if not paths.eval_file(d).is_file()]
         return "partial" if missing else "done"
+    if state == formats.STATE_INTERRUPTED:
+        return "interrupted"
     return "failed" if state == formats.STATE_FAILED else "partial"
 
 
@@ -116,6 +122,7 @@ def describe_dataset(spec: StudySpec, study_dir: Path, result) -> dict[str, Any]
     )
     info = {
         "data_root": spec.data,
+        "data_format": getattr(result, "data_format", None),  # the detected source (words the report uses)
         "synthetic": is_synthetic(spec.data),
         "n_images": int(len(frame)),
         "n_patients": int(frame["patient_id"].nunique()),
@@ -205,7 +212,8 @@ def execute_run(
         logger.info("%s is claimed by another worker; skipping it", run.run_id)
         return RunOutcome(run.run_id, "claimed")
     try:
-        if run_state(study_dir, run, spec, float("inf")) == "done":  # finished while we were claiming
+        # finished while we were claiming (our own claim is not "another worker"): no attempt to record
+        if _folder_state(RunPaths(run_dir), spec) == "done":
             return RunOutcome(run.run_id, "done")
         locks.record_attempt(claim)
         with locks.heartbeat(claim, claim_timeout_s):
@@ -270,10 +278,12 @@ def run_record(study_dir: Path, run: PlannedRun, spec: StudySpec,
     status = read_json(paths.status) if paths.status.is_file() else {}
     state, error = status.get("state"), status.get("error") or ""
     claimed = locks.active_claim(paths.root, claim_timeout_s) is not None
-    if error or state == formats.STATE_FAILED:
-        text = "failed"
-    elif claimed:
+    if claimed:
         text = "running"
+    elif state == formats.STATE_INTERRUPTED:  # stopped by a signal (its error says which); resumable
+        text = "interrupted"
+    elif error or state == formats.STATE_FAILED:
+        text = "failed"
     elif not status:
         text = "pending"
     elif state == formats.STATE_FINISHED:

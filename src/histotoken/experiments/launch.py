@@ -1,8 +1,8 @@
 """Run a study's pending runs as submitit jobs: a SLURM job array, or local processes.
 
 ``histotoken grid SPEC --launcher slurm`` submits one job per pending run as one SLURM array
-(``executor.batch()``), a GPU per task, with partition, time and memory from the spec's
-``launcher:`` block or from flags; ``--launcher submitit-local`` runs the same jobs as local
+(``executor.batch()``), with partition, time and memory from the spec's ``launcher:`` block or
+from flags, and GPUs/CPUs per task that a node of the partition has (``sinfo``) unless given; ``--launcher submitit-local`` runs the same jobs as local
 processes (submitit's LocalExecutor), a few at a time, for tests and single machines.
 
 Each job is :func:`run_job`: it claims its run folder (:mod:`histotoken.experiments.locks`),
@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,17 +37,27 @@ logger = logging.getLogger(__name__)
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
+DEFAULT_CPUS_PER_TASK = 8  # when the nodes have at least this many
+FALLBACK_CPUS_PER_TASK = 2  # when nothing is known about the nodes
+
+
 @dataclasses.dataclass(frozen=True)
 class LauncherSettings:
-    """Resources per job and how many jobs run at once; the spec's ``launcher:`` block."""
+    """Resources per job and how many jobs run at once; the spec's ``launcher:`` block.
+
+    ``gpus_per_task`` and ``cpus_per_task`` left at None are chosen by :func:`fill_defaults` from
+    what a node of the partition has (``sinfo``): 1 GPU if nodes have GPUs, else 0; 8 CPUs or all
+    of a smaller node's. ``python``: the interpreter on the nodes (default: this one's path).
+    """
 
     partition: str | None = None
-    gpus_per_task: int = 1
+    gpus_per_task: int | None = None
     timeout_min: int = 24 * 60
     mem_gb: float | None = None
-    cpus_per_task: int = 8
+    cpus_per_task: int | None = None
     parallel: int | None = None  # SLURM: array parallelism (None: no limit); local: default 2
     claim_timeout_min: float = DEFAULT_STALE_AFTER_S / 60
+    python: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -53,6 +66,8 @@ class LauncherSettings:
 
 
 LAUNCHER_KEYS = tuple(field.name for field in dataclasses.fields(LauncherSettings))
+# the smallest value each number may take
+_MINIMUM = {"gpus_per_task": 0, "timeout_min": 1, "cpus_per_task": 1, "parallel": 1, "mem_gb": 0}
 
 
 def launcher_settings(block: dict[str, Any], overrides: dict[str, Any], source: str) -> LauncherSettings:
@@ -62,11 +77,118 @@ def launcher_settings(block: dict[str, Any], overrides: dict[str, Any], source: 
         raise ValueError(f"{source}: unknown launcher keys {unknown}; known: {', '.join(LAUNCHER_KEYS)}")
     values = {**block, **{k: v for k, v in overrides.items() if v is not None}}
     settings = LauncherSettings(**values)
-    for name in ("gpus_per_task", "timeout_min", "cpus_per_task", "parallel", "claim_timeout_min"):
+    for name, minimum in _MINIMUM.items():
         value = getattr(settings, name)
-        if value is not None and (not isinstance(value, int | float) or value < (0 if name == "gpus_per_task" else 1)):
-            raise ValueError(f"{source}: launcher {name}={value!r} must be a positive number")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < minimum):
+            raise ValueError(f"{source}: launcher {name}={value!r} must be a number >= {minimum}")
+    claim = settings.claim_timeout_min
+    if isinstance(claim, bool) or not isinstance(claim, int | float) or claim <= 0:
+        raise ValueError(f"{source}: launcher claim_timeout_min={claim!r} must be a positive number of minutes "
+                         "(fractions such as 0.5 are fine)")
+    if settings.python is not None and not isinstance(settings.python, str):
+        raise ValueError(f"{source}: launcher python={settings.python!r} must be a path (the nodes' interpreter)")
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeResources:
+    """What one kind of node of a partition has, as ``sinfo -o "%c %m %G"`` reports it."""
+
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def parse_sinfo(text: str) -> list[NodeResources]:
+    """Lines of ``sinfo -h -o "%c %m %G"`` (CPUs, memory in MB, generic resources) -> node kinds.
+
+    A trailing ``+`` (nodes of several sizes in one line) is dropped; GPUs are the counts of every
+    ``gpu[:TYPE]:N`` entry in the gres column (``(null)`` when a node has none), e.g.
+    ``gpu:a100:4(S:0-1),mps:400`` -> 4.
+    """
+    nodes = []
+    for line in text.splitlines():
+        fields = line.split(None, 2)
+        if len(fields) < 2:
+            continue
+        try:
+            cpus, mem_mb = (int(field.rstrip("+")) for field in fields[:2])
+        except ValueError:
+            continue
+        gres = fields[2] if len(fields) > 2 else ""
+        gpus = sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[\w.-]+)?:(\d+)", gres))
+        nodes.append(NodeResources(cpus, mem_mb, gpus))
+    return nodes
+
+
+def query_nodes(partition: str | None, run: Callable[..., Any] = subprocess.run) -> list[NodeResources] | None:
+    """The partition's node kinds from ``sinfo`` (default partition when None); None if sinfo is absent or fails."""
+    if shutil.which("sinfo") is None:
+        return None
+    command = ["sinfo", "-h", "-o", "%c %m %G", *(["-p", partition] if partition else [])]
+    try:
+        answer = run(command, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("could not ask sinfo for the nodes' resources (%s); using small defaults", error)
+        return None
+    if answer.returncode != 0:
+        logger.warning("sinfo failed (%s); using small defaults", (answer.stderr or "").strip())
+        return None
+    return parse_sinfo(answer.stdout) or None
+
+
+def fill_defaults(settings: LauncherSettings, nodes: list[NodeResources] | None) -> LauncherSettings:
+    """GPUs and CPUs per task that a node has, for those not set; refuse a request that no node can meet.
+
+    ``nodes`` None (nothing known): no GPU and 2 CPUs, which any node has.
+    """
+    gpus, cpus = settings.gpus_per_task, settings.cpus_per_task
+    if not nodes:
+        return dataclasses.replace(settings, gpus_per_task=0 if gpus is None else gpus,
+                                   cpus_per_task=FALLBACK_CPUS_PER_TASK if cpus is None else cpus)
+    where = f"partition {settings.partition}" if settings.partition else "the default partition"
+    if gpus is None:
+        gpus = 1 if any(node.gpus for node in nodes) else 0
+    fitting = [node for node in nodes if node.gpus >= gpus]
+    if not fitting:
+        most = max(node.gpus for node in nodes)
+        raise ValueError(f"launcher gpus_per_task={gpus}, but the nodes of {where} have at most {most} GPUs; "
+                         f"set launcher: {{gpus_per_task: {most}}} or --gpus-per-task {most} (or --partition)")
+    largest = max(node.cpus for node in fitting)
+    if cpus is None:
+        cpus = min(DEFAULT_CPUS_PER_TASK, largest)
+    elif cpus > largest:
+        raise ValueError(f"launcher cpus_per_task={cpus}, but the nodes of {where} have at most {largest} CPUs; "
+                         f"the job would pend forever: set --cpus-per-task {largest} or less")
+    mem_mb = max(node.mem_mb for node in fitting)
+    if settings.mem_gb is not None and settings.mem_gb * 1024 > mem_mb:
+        raise ValueError(f"launcher mem_gb={settings.mem_gb}, but the nodes of {where} have {mem_mb} MB; "
+                         f"set --mem-gb {mem_mb // 1024} or less")
+    return dataclasses.replace(settings, gpus_per_task=gpus, cpus_per_task=cpus)
+
+
+# sbatch's complaint -> the option that changes it (first match wins)
+_SBATCH_ERRORS = (
+    ("generic resource", "no node offers the GPUs asked for: set launcher: {gpus_per_task: 0} or --gpus-per-task 0 "
+                         "(or a GPU --partition)"),
+    ("invalid partition", "set an existing --partition (see `sinfo -s`)"),
+    ("time limit", "lower --timeout-min (launcher: {timeout_min: ...}) to the partition's limit (`sinfo -o %l`)"),
+    ("memory", "lower --mem-gb (launcher: {mem_gb: ...})"),
+    ("node configuration is not available", "ask for fewer resources: --cpus-per-task, --mem-gb or --gpus-per-task"),
+    ("account", "set launcher: {extra: {slurm_account: NAME}}"),
+    ("qos", "set launcher: {extra: {slurm_qos: NAME}}"),
+)
+
+
+def sbatch_error(message: str) -> str:
+    """One line for a refused submission: sbatch's own words and the option to change."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    said = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no message")
+    said = said.removeprefix("sbatch: error: ")
+    lowered = said.lower()
+    fix = next((fix for pattern, fix in _SBATCH_ERRORS if pattern in lowered),
+               "check the spec's launcher: block and the job resource options (histotoken grid --help)")
+    return f"sbatch refused the jobs ({said}); {fix}"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -126,13 +248,18 @@ def make_executor(kind: str, folder: Path, settings: LauncherSettings, name: str
     if kind not in ("slurm", "submitit-local"):
         raise ValueError(f"launcher {kind!r}: expected one of {', '.join(LAUNCHERS)}")
     cluster = "slurm" if kind == "slurm" else "local"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    interpreter = {f"{cluster}_python": settings.python} if settings.python else {}
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, **interpreter)
+    except RuntimeError as error:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise ValueError(f"--launcher slurm: {error} Run the grid on the cluster's login node, or use "
+                         "--launcher submitit-local or --shard I/N elsewhere") from None
     parameters: dict[str, Any] = {
         "name": name, "timeout_min": int(settings.timeout_min), "tasks_per_node": 1,
-        "cpus_per_task": int(settings.cpus_per_task),
+        "cpus_per_task": int(settings.cpus_per_task or FALLBACK_CPUS_PER_TASK),
     }
     if kind == "slurm":
-        parameters["gpus_per_node"] = int(settings.gpus_per_task)
+        parameters["gpus_per_node"] = int(settings.gpus_per_task or 0)
         if settings.mem_gb is not None:
             parameters["mem_gb"] = settings.mem_gb
         if settings.partition:
@@ -162,15 +289,22 @@ def launch_runs(
     submitted as one ends, so ``wait=False`` is refused. ``on_done(submitted, result, error)``
     is called as each job ends (``error``: the job's exception text, e.g. a node failure).
     """
+    from submitit.core.utils import FailedJobError
+
     study_dir = Path(study_dir)
     folder = StudyPaths(study_dir).submitit
+    settings = fill_defaults(settings, query_nodes(settings.partition) if kind == "slurm" else None)
+    logger.info("jobs get %s GPU(s) and %s CPUs each", settings.gpus_per_task, settings.cpus_per_task)
     executor = make_executor(kind, folder, settings, f"histotoken-{spec.name}")
     arguments = [(spec, str(study_dir), run.run_id, settings.claim_timeout_s) for run in runs]
     if kind == "slurm":
         jobs = []
-        with executor.batch():  # one sbatch --array for all runs
-            for args in arguments:
-                jobs.append(executor.submit(run_job, *args))
+        try:
+            with executor.batch():  # one sbatch --array for all runs
+                for args in arguments:
+                    jobs.append(executor.submit(run_job, *args))
+        except FailedJobError as refusal:  # submitit raises it with sbatch's stderr
+            raise ValueError(sbatch_error(str(refusal))) from None
         submitted = [SubmittedRun(run, job) for run, job in zip(runs, jobs)]
         for item in submitted:
             if on_submit:
