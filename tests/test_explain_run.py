@@ -68,7 +68,7 @@ def test_cli_explain_writes_every_figure_and_the_report_embeds_them(trained_run,
     html = build_report(study).read_text(encoding="utf-8")
     markdown = (study / "report.md").read_text(encoding="utf-8")
     section = markdown.split("## What the models look at")[1].split("\n## ")[0]
-    embedded = [name for name in (study / "figures").glob("explain_*.png")]
+    embedded = [name for name in (study / "figures").glob("explain_*.*")]  # PNG or JPEG
     assert len(embedded) == len(scores["figures"]) + 4  # the 400 explanation and the fixture's 100 one
     for path in embedded:
         assert f"](figures/{path.name})" in section

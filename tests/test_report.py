@@ -16,7 +16,9 @@ from histotoken.reporting import build_report, pareto_front, plots, tables
 from tests.study_fixture import DOMAINS, FAILED_RUN, MODELS, TWO_STAGE_RUN, run_id_of, write_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 SECTION_HEADINGS = [
+    "Summary",
     "What was run",
     "In-domain performance and cost",
     "Cross-magnification generalisation",
@@ -65,9 +67,11 @@ def test_report_html_is_self_contained(full_study):
     assert 'src="http' not in html and "<script" not in html and "<link" not in html
     assert not re.search(r'(href|src)="(https?:)?//', html)
     sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
-    assert len(sources) == len(list((study / "figures").glob("*.png")))
-    assert all(source.startswith("data:image/png;base64,") for source in sources)
-    assert base64.b64decode(sources[0].split(",", 1)[1])[:8] == PNG_SIGNATURE
+    assert len(sources) == len(list((study / "figures").glob("*.*")))
+    assert all(re.match(r"data:image/(png|jpeg);base64,", source) for source in sources)
+    for source in sources:
+        data = base64.b64decode(source.split(",", 1)[1])
+        assert data[:8] == PNG_SIGNATURE if source.startswith("data:image/png") else data[:3] == JPEG_SIGNATURE
 
 
 def test_report_has_every_section_and_a_how_to_read_line_per_figure(full_study):
@@ -82,15 +86,16 @@ def test_report_has_every_section_and_a_how_to_read_line_per_figure(full_study):
 def test_figures_are_png_files_referenced_by_the_markdown(full_study):
     study, _, markdown = full_study
     referenced = re.findall(r"\]\(figures/([^)]+)\)", markdown)
-    written = sorted(path.name for path in (study / "figures").glob("*.png"))
+    written = sorted(path.name for path in (study / "figures").glob("*.*"))
     assert sorted(referenced) == written
     for name in written:
-        assert (study / "figures" / name).read_bytes()[:8] == PNG_SIGNATURE
+        signature = JPEG_SIGNATURE if name.endswith(".jpg") else PNG_SIGNATURE
+        assert (study / "figures" / name).read_bytes()[:len(signature)] == signature
     finished_runs = len(MODELS) * len(DOMAINS) - 1
     assert len([name for name in written if name.endswith("_confusion.png")]) == finished_runs
     assert len([name for name in written if name.endswith("_curves.png")]) == finished_runs
     for expected in ("cross_domain_heatmap_subtype.png", "in_vs_cross_domain_subtype.png",
-                     "f1_vs_throughput_img_s_subtype.png", "f1_vs_gflops_subtype.png", "dataset_preview.png"):
+                     "f1_vs_throughput_img_s_subtype.png", "f1_vs_gflops_subtype.png", "dataset_preview.jpg"):
         assert expected in written
 
 
@@ -123,11 +128,16 @@ def test_headline_table_shows_in_domain_metrics_with_intervals_and_efficiency(fu
                    & (results["test_domain"] == "400") & (results["metric"] == "macro_f1")].iloc[0]
     assert row["macro-F1"] == f"{cell.value:.2f} [{cell.ci_low:.2f}, {cell.ci_high:.2f}]"
     assert re.fullmatch(r"\d\.\d\d", row["patient-level accuracy"])  # no interval in the files
+    assert "throughput (img/s)" not in table.columns  # cost is per model, not per model x domain
     efficiency = pd.read_csv(study / "efficiency.csv").set_index("model")
-    assert float(row["throughput (img/s)"]) == efficiency.at["deit_small_patch16_224", "throughput_img_s"]
-    assert row["tokens at head"] == "197"
-    resnet = table[table["model"] == "resnet18"].iloc[0]
-    assert resnet["tokens at head"] == "—"
+    cost = markdown_table_after(markdown, "*Cost of each model, measured once per model*").set_index("model")
+    assert list(cost.index) == [label for label, *_ in MODELS]  # one row per model
+    assert float(cost.at["deit_small_patch16_224", "throughput (img/s)"]) == \
+        efficiency.at["deit_small_patch16_224", "throughput_img_s"]
+    assert cost.at["deit_small_patch16_224", "tokens at head"] == "197"
+    assert cost.at["resnet18", "tokens at head"] == "—"
+    section = markdown.split("## In-domain performance and cost")[1].split("\n## ")[0]
+    assert section.count("| throughput (img/s) |") == 1
 
 
 def test_asymmetry_and_mixed_training_tables_pair_the_right_cells(full_study):
@@ -154,7 +164,7 @@ def test_failed_run_is_listed_with_its_error_and_left_out_of_per_run_figures(ful
     failed = markdown_table_after(markdown, "## Failed runs")
     assert list(failed["run_id"]) == [failed_id]
     assert "loss is NaN" in failed["error"].iloc[0]
-    assert f"{failed_id}: " not in markdown.split("## Per-run details")[1].split("## Dataset preview")[0]
+    assert f"{failed_id}: " not in markdown.split("## Per-run details")[1].split("\n## ")[0]
 
 
 def test_two_stage_run_curves_mark_the_stage_boundary():
@@ -245,8 +255,9 @@ def test_single_model_single_domain_study_renders_with_notes(tmp_path):
         assert note in markdown
     run_id = run_id_of("resnet18", "100")
     assert {path.name for path in (study / "figures").glob("*.png")} == {
-        "dataset_preview.png", f"run_{run_id}_confusion.png", f"run_{run_id}_curves.png",
+        f"run_{run_id}_confusion.png", f"run_{run_id}_curves.png",
     }
+    assert (study / "figures" / "dataset_preview.jpg").read_bytes()[:3] == JPEG_SIGNATURE
 
 
 def test_missing_images_and_run_files_degrade_to_notes(tmp_path):
@@ -381,3 +392,213 @@ def test_the_kind_of_data_is_inferred_from_split_keys_and_magnifications(paths, 
 
     split = pd.DataFrame({"path": paths, "magnification": (magnifications * len(paths))[: len(paths)]})
     assert infer_kind([split], []) == kind
+
+
+# ----------------------------------------------------------------------------- issue 18: summary, tables, figures
+
+DIFFERENCE = r"([+-]\d\.\d+) \[([+-]\d\.\d+), ([+-]\d\.\d+)\]"
+
+
+def summary_items(markdown: str) -> list[str]:
+    section = markdown.split("## Summary\n")[1].split("\n## ")[0]
+    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+
+
+def test_the_summary_comes_first_under_the_banner_then_the_preview(full_study):
+    _, html, markdown = full_study
+    banner, summary, nav = html.index('class="banner"'), html.index('<section id="summary">'), html.index("<nav>")
+    assert banner < summary < nav < html.index('<section id="preview">') < html.index('<section id="setup">')
+    assert re.search(r"What was run: 3 model\(s\) .*runs: 8 finished, 1 failed; data: 96 synthetic images from 24 "
+                     r"patients", markdown.split("## Summary")[1].split("\n## ")[0])
+
+
+def test_the_summary_names_the_best_model_of_each_domain_as_results_csv_ranks_them(full_study):
+    study, _, markdown = full_study
+    results = pd.read_csv(study / "results.csv", dtype={"train_domain": str, "test_domain": str})
+    f1 = results[(results["metric"] == "macro_f1") & (results["train_domain"] == results["test_domain"])]
+    items = summary_items(markdown)
+    for domain in DOMAINS:
+        ranked = f1[f1["test_domain"] == domain].sort_values("value", ascending=False)
+        best, runner_up = ranked.iloc[0], ranked.iloc[1]
+        item = next(i for i in items if i.startswith(f"Trained and tested on {domain}: "))
+        assert item.startswith(f"Trained and tested on {domain}: {best.model} ")
+        assert f"{best.value:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}]" in item
+        assert runner_up.model in item
+        difference = float(re.search(DIFFERENCE, item)[1])
+        assert difference == pytest.approx(best.value - runner_up.value, abs=1e-3)  # one seed: the point values
+
+
+def test_the_summary_states_a_direction_only_where_the_interval_excludes_zero(full_study):
+    _, _, markdown = full_study
+    items = summary_items(markdown)
+    topics = {item.split(":")[0] for item in items}
+    assert {"Cross-magnification", "Mixed-magnification training", "Token efficiency"} <= topics
+    assert any(item.startswith("Cost relative to resnet18") for item in items)
+    resolved = unresolved = 0
+    for item in items:
+        for clause in re.split(r"; |, but ", item):
+            found = re.search(DIFFERENCE, clause)
+            magnitude = re.search(r"(?:loses|gains) (\d\.\d+) \[(\d\.\d+), (\d\.\d+)\]", clause)
+            if magnitude:  # "loses 0.206 [0.015, 0.373]": a resolved size, printed without its sign
+                assert 0 < float(magnitude[2]) <= float(magnitude[1]) <= float(magnitude[3])
+                resolved += 1
+            elif found:
+                low, high = float(found[2]), float(found[3])
+                if "not resolved" in clause or "no loss is resolved" in item:
+                    assert low <= 0 <= high, clause
+                    unresolved += 1
+                else:
+                    assert low > 0 or high < 0, clause
+                    resolved += 1
+    assert resolved and unresolved  # the fixture has both kinds
+
+
+def test_cost_sentence_divides_by_the_reference_model_s_measurement(full_study):
+    study, _, markdown = full_study
+    efficiency = pd.read_csv(study / "efficiency.csv").set_index("model")
+    item = next(i for i in summary_items(markdown) if i.startswith("Cost relative to resnet18"))
+    ratio = efficiency.at["deit_small_patch16_224", "gflops"] / efficiency.at["resnet18", "gflops"]
+    assert f"deit_small_patch16_224 {ratio:.2f}x the GFLOPs" in item
+
+
+def test_paired_differences_are_one_table_per_model_with_caption_above_and_a_verdict(full_study):
+    _, html, markdown = full_study
+    section = markdown.split("### Paired differences against resnet18")[1].split("\n### ")[0]
+    assert "is better than" not in markdown and "the difference between" not in markdown  # no repeated sentences
+    for model in ("deit_small_patch16_224", "cnnprune_vit_small@keep_ratio=0.5"):
+        caption = f"*{model} minus resnet18: macro-F1 difference per train x test cell*"
+        assert caption in section
+        table = markdown_table_after(section, caption)
+        assert {"trained on", "tested on", "verdict", "McNemar p (accuracy)"} <= set(table.columns)
+        for cell, verdict in zip(table["difference [95% interval]"], table["verdict"]):
+            _, low, high = (float(x) for x in re.fullmatch(DIFFERENCE, cell).groups())
+            assert (verdict == "not resolved at this sample size") == (low <= 0 <= high)
+    assert "<caption>deit_small_patch16_224 minus resnet18" in html
+    for caption in ("*Mixed-magnification training against the test magnification alone, per model*",
+                    "*Transfer down (A: higher to lower magnification) against transfer up (B), per model*"):
+        assert "verdict" in markdown_table_after(markdown, caption).columns
+
+
+def test_long_tables_fold_after_their_first_rows_and_intervals_stay_on_one_line():
+    from histotoken.reporting.blocks import Table
+    from histotoken.reporting.render import COLLAPSED_ROWS, _table_html
+
+    frame = pd.DataFrame({"model": [f"m{i}" for i in range(20)], "F1": ["0.81 [0.74, 0.88]"] * 20})
+    page = _table_html(Table(frame, "twenty rows"))
+    shown, folded = page.split("<details>")
+    assert shown.count("<tr>") == 1 + COLLAPSED_ROWS and folded.count("<tr>") == 1 + 20 - COLLAPSED_ROWS
+    assert page.index("<caption>") < page.index("<thead>")
+    assert '0.81 <span class="ci">[0.74, 0.88]</span>' in shown
+    assert "<details>" not in _table_html(Table(frame.head(5)))
+
+
+def test_best_epoch_star_sits_on_the_epoch_status_json_names_and_the_legend_hides_no_point():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # two stages, epochs counted from 1 within each (metrics.csv), a tie on val macro-F1 broken by
+    # val accuracy in training: status.json's best is stage 2, epoch 2, not the first maximum
+    metrics = pd.DataFrame({
+        "stage": ["1", "1", "2", "2", "2"], "epoch": [1, 2, 1, 2, 3],
+        "train/loss": [2.0, 1.6, 1.3, 1.1, 1.0], "val/loss": [2.1, 1.7, 1.4, 1.2, 1.3],
+        "val/macro_f1": [0.30, 0.70, 0.60, 0.70, 0.65],
+    })
+    figure = plots.training_curves_figure(metrics, "run", best_epoch=2, best_stage="2")
+    f1_ax = figure.axes[1]
+    star = next(line for line in f1_ax.get_lines() if line.get_marker() == "*")
+    assert list(star.get_xdata()) == [4]  # the 4th row of metrics.csv: stage 2, epoch 2
+    tick = dict(zip(f1_ax.get_xticks(), (t.get_text() for t in f1_ax.get_xticklabels())))
+    assert tick[4] == "2"  # the axis says "2" under the star, as the text does
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in figure.axes[:2]:
+        legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.y1 <= frame.y0  # below the plotting area
+    without = plots.training_curves_figure(metrics, "run")  # no record: the highest val macro-F1 (first)
+    star = next(line for line in without.axes[1].get_lines() if line.get_marker() == "*")
+    assert list(star.get_xdata()) == [2]
+
+
+def test_run_text_and_figure_quote_the_same_best_epoch(full_study):
+    import json
+
+    study, _, markdown = full_study
+    run_id = run_id_of(*TWO_STAGE_RUN)
+    status = json.loads((study / "runs" / run_id / "status.json").read_text())
+    best = json.loads((study / "runs" / run_id / "checkpoints" / "best.json").read_text())
+    section = markdown.split(f"### {run_id}: ")[1].split("\n### ")[0]
+    assert f"best epoch: {status['best_epoch']} (stage {best['stage']})" in section
+
+
+def _text_sizes_px(figure) -> list[float]:
+    from matplotlib.text import Text
+
+    return [text.get_fontsize() * plots.DPI / 72 for text in figure.findobj(Text) if text.get_text().strip()]
+
+
+def test_plot_text_is_at_least_10px_and_figures_are_not_shrunk_on_a_1180px_page(full_study):
+    study, _, _ = full_study
+    summary = tables.mean_over_seeds(tables.read_results(study / "results.csv"))
+    matrices = {m: tables.cross_domain_matrix(summary, m, "subtype") for m, *_ in MODELS}
+    efficiency = tables.read_efficiency(study / "efficiency.csv")
+    cost = tables.accuracy_cost_table(summary, efficiency, "subtype")
+    metrics = pd.read_csv(study / "runs" / run_id_of("resnet18", "100") / "metrics.csv")
+    figures = [
+        plots.cross_domain_heatmaps(matrices),
+        plots.in_vs_cross_bars(tables.cross_domain_summary(summary), [m for m, *_ in MODELS]),
+        plots.pareto_scatter(cost, "gflops", "GFLOPs", "pareto_gflops", True),
+        plots.confusion_matrix_figure(np.eye(8) * 3, [f"class {i}" for i in range(8)], "cm"),
+        plots.training_curves_figure(metrics, "curves"),
+    ]
+    for figure in figures:
+        assert min(_text_sizes_px(figure)) >= 10
+        assert figure.get_figwidth() * plots.DPI <= 1140  # the page's column: shown at 100%, not shrunk
+
+
+def test_plots_become_palette_pngs_and_photographs_jpeg_without_visible_change(full_study):
+    import io
+
+    from PIL import Image
+
+    study, _, _ = full_study
+    metrics = pd.read_csv(study / "runs" / run_id_of("resnet18", "100") / "metrics.csv")
+    figure = plots.training_curves_figure(metrics, "curves")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=plots.DPI)
+    original = buffer.getvalue()
+    small = plots.compress_image(original, photographic=False)[0]  # what figure_to_png keeps
+    assert Image.open(io.BytesIO(small)).mode == "P" and len(small) < 0.6 * len(original)
+    before = np.asarray(Image.open(io.BytesIO(original)).convert("RGB"), dtype=float)
+    after = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"), dtype=float)
+    assert np.abs(before - after).mean() < 1.0  # grey levels of 255
+
+    from histotoken.data.synthetic import render_image
+
+    tissue = render_image("ductal_carcinoma", 100, (96, 64), seed=0, patient_index=0, patient_id="14-1", seq=1)
+    buffer = io.BytesIO()
+    Image.fromarray(tissue).save(buffer, format="PNG")
+    data, extension = plots.compress_image(buffer.getvalue(), photographic=True)
+    assert extension == "jpg" and data[:3] == JPEG_SIGNATURE and len(data) < len(buffer.getvalue())
+    reference = tissue.astype(float)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
+    psnr = 10 * np.log10(255**2 / np.mean((reference - decoded) ** 2))
+    assert psnr > 30
+
+
+def test_the_page_states_its_size_and_external_figures_sit_beside_it(tmp_path, monkeypatch, capsys):
+    from histotoken.cli import main as cli_main
+
+    study = small_study(tmp_path)
+    inline = build_report(study)
+    text = inline.read_text(encoding="utf-8")
+    stated = re.search(r"This page: ([\d.]+) kB, with its 3 figures inline", text)
+    assert stated and float(stated[1]) == pytest.approx(inline.stat().st_size / 1e3, rel=0.02)
+
+    monkeypatch.setattr(cli_main, "COMMANDS", ["report"])
+    out = tmp_path / "external" / "report.html"
+    assert cli_main.main(["report", str(study), "--out", str(out), "--figures", "external", "--no-collect"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "data:image" not in page and out.stat().st_size < inline.stat().st_size / 2
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(sources) == 3 and all((out.parent / source).is_file() for source in sources)
+    assert "figures (" in page and "are in figures/ beside it" in page

@@ -189,16 +189,17 @@ def two_seed_markdown(two_seed_study):
     return statistics_markdown(two_seed_study)
 
 
-def test_every_claim_in_the_statistics_text_has_an_interval_excluding_zero(two_seed_markdown):
+def test_every_verdict_in_the_statistics_tables_has_an_interval_excluding_zero(two_seed_markdown):
     number = r"([+-]\d\.\d+)"
-    pattern = rf"\((?:macro-F1) {number}, 95% interval {number} to {number}\)"
-    claims = re.findall(rf"is better than [^()]*{pattern}", two_seed_markdown)
-    unresolved = re.findall(rf"not resolved at this sample size {pattern}", two_seed_markdown)
-    assert claims and unresolved  # the fixture has both kinds
-    for _, low, high in claims:
-        assert float(low) > 0 or float(high) < 0
-    for _, low, high in unresolved:
-        assert float(low) <= 0 <= float(high)
+    rows = re.findall(rf"\| {number} \[{number}, {number}\] \|[^\n]*\| ([^|]+) \|\n", two_seed_markdown)
+    verdicts = [(float(low), float(high), verdict.strip()) for _, low, high, verdict in rows]
+    claims = [(low, high) for low, high, verdict in verdicts if verdict.endswith(" ahead")]
+    unresolved = [(low, high) for low, high, verdict in verdicts if verdict == "not resolved at this sample size"]
+    assert claims and unresolved and len(claims) + len(unresolved) == len(verdicts)  # the fixture has both kinds
+    for low, high in claims:
+        assert low > 0 or high < 0
+    for low, high in unresolved:
+        assert low <= 0 <= high
 
 
 def test_asymmetry_row_pairs_train_400_test_100_with_train_100_test_400(two_seed_study, two_seed_markdown):
@@ -217,7 +218,7 @@ def test_asymmetry_row_pairs_train_400_test_100_with_train_100_test_400(two_seed
 
 def test_the_spec_s_reference_model_is_the_one_compared_against(two_seed_markdown):
     assert "### Paired differences against deit_small_patch16_224" in two_seed_markdown
-    assert "*resnet18 - deit_small_patch16_224: macro-F1 difference [95% interval].*" in two_seed_markdown
+    assert "*resnet18 minus deit_small_patch16_224: macro-F1 difference per train x test cell*" in two_seed_markdown
 
 
 def test_several_seeds_show_mean_sd_and_a_pooled_interval_not_averaged_bounds(two_seed_study, two_seed_markdown):

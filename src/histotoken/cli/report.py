@@ -12,11 +12,13 @@ Rebuild a study's report from its files alone (nothing is re-run). First runs.cs
 results.csv are rebuilt from the run folders (so runs that other workers finished are in;
 --no-collect skips this), then a self-contained
 report.html (figures and styles inline; opens offline), report.md with the same tables,
-and the figures as PNG in figures/ beside it.
+and the figures (PNG plots, JPEG photographs) in figures/ beside it. --figures external
+keeps the figures out of report.html (it refers to figures/ instead).
 
 Example:
   histotoken grid configs/demo.yaml --out study
   histotoken report study                      # -> study/report.html
+  histotoken report study --figures external   # report.html + figures/ (keep them together)
 """
 
 
@@ -27,6 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--out", type=Path, default=None,
         help="where to write the HTML report (default: STUDY_DIR/report.html); "
              "report.md and figures/ go beside it",
+    )
+    parser.add_argument(
+        "--figures", choices=("inline", "external"), default="inline",
+        help="inline: one self-contained report.html (default); external: report.html refers to the "
+             "figures in figures/ beside it (smaller page for big studies; keep the folder together)",
     )
     parser.add_argument(
         "--no-collect", action="store_true",
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"tables rebuilt from {len(runs)} run folders: {paths.runs_table}, {paths.results_table}")
         except (OSError, ValueError) as error:  # a report from the tables as they are is still useful
             print(f"warning: could not rebuild the study tables ({error}); using them as they are")
-    out = build_report(args.study_dir, out=args.out)
+    out = build_report(args.study_dir, out=args.out, figures=args.figures)
     print(f"report: {out}")
     print(f"markdown: {out.with_suffix('.md')}  figures: {out.parent / 'figures'}")
     return 0

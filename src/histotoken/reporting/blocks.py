@@ -1,4 +1,5 @@
-"""The blocks a report page is made of: paragraphs, notes, headings, tables, figures, details.
+"""The blocks a report page is made of: paragraphs, lists, notes, headings, tables, figures,
+details.
 
 A section builder (:mod:`histotoken.reporting.sections`) returns a list of these; the renderers in
 :mod:`histotoken.reporting.render` turn the same list into HTML and into Markdown.
@@ -29,17 +30,27 @@ class Heading:
 
 
 @dataclasses.dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclasses.dataclass
 class Table:
     frame: pd.DataFrame  # cells already formatted as text
-    caption: str = ""
+    caption: str = ""  # shown above the table: it names what the table compares
+    collapse_after: int | None = None  # rows shown before the rest folds away (None: the renderer's default)
 
 
 @dataclasses.dataclass
 class FigureBlock:
-    name: str  # file name under figures/
-    png: bytes
+    name: str  # file name under figures/; its extension (.png, .jpg) says the format of ``png``
+    png: bytes  # the encoded image (PNG, or JPEG for photographic grids), as written to figures/
     caption: str
     how_to_read: str
+
+    @property
+    def mime(self) -> str:
+        return "image/jpeg" if self.name.lower().endswith((".jpg", ".jpeg")) else "image/png"
 
 
 @dataclasses.dataclass

@@ -35,6 +35,7 @@ class StudyPredictions:
         self.n_resamples = n_resamples
         self.runs: dict[tuple[str, str, str], dict[str, Path]] = {}
         self._predictions: dict[tuple[Path, str], st.Predictions | None] = {}
+        self._compared: dict[tuple, dict[str, st.Difference] | None] = {}
         info = study.run_info()
         for run_id, folder in study.run_folders():
             row = info.get(run_id, {})
@@ -82,7 +83,15 @@ class StudyPredictions:
         """A - B, each side (model, train domain, test domain), paired over their common seeds.
 
         ``same_images``: both sides were tested on the same domain; their images are aligned by path.
+        Computed once per pair (the summary and the statistics section quote the same numbers).
         """
+        key = (a, b, task, same_images)
+        if key not in self._compared:
+            self._compared[key] = self._compare(a, b, task, same_images)
+        return self._compared[key]
+
+    def _compare(self, a: tuple[str, str, str], b: tuple[str, str, str], task: str,
+                 same_images: bool) -> dict[str, st.Difference] | None:
         side_a, side_b = self.folds(a[0], task, a[1], a[2]), self.folds(b[0], task, b[1], b[2])
         seeds = sorted(set(side_a) & set(side_b))
         num_classes = self.num_classes(task)

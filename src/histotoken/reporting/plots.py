@@ -21,6 +21,9 @@ DPI = 110
 IN_DOMAIN_COLOR = "#3b6ea8"
 CROSS_DOMAIN_COLOR = "#e08a2c"
 FRONT_COLOR = "#c0392b"
+JPEG_QUALITY = 88
+PALETTE_MAX_MEAN_ERROR = 1.0  # grey levels (of 255), averaged over pixels and channels
+MIN_FONT_PT = 7  # 7 pt at DPI 110 is 10.7 px on screen at 100% zoom
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -30,9 +33,45 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def figure_to_png(figure: Figure) -> bytes:
+    """A plot as a palette PNG: plots hold few colours, so 256 cost nothing visible and a third of the bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return compress_image(buffer.getvalue(), photographic=False)[0]
+
+
+def figure_to_jpeg(figure: Figure) -> bytes:
+    """A figure of photographs (e.g. the dataset preview) as JPEG."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return compress_image(buffer.getvalue(), photographic=True)[0]
+
+
+def compress_image(data: bytes, photographic: bool | None = None) -> tuple[bytes, str]:
+    """Re-encode a PNG smaller where that costs nothing visible; returns (bytes, extension).
+
+    Plots (``photographic=False``) become palette PNGs (Pillow's median-cut quantisation to 256
+    colours, no dithering). Photographs (``True``) become JPEG at quality ``JPEG_QUALITY``. With
+    ``None`` (a PNG written by another command), the palette is kept when its mean error is at most
+    ``PALETTE_MAX_MEAN_ERROR`` grey levels, else JPEG. The original is kept when it is already smaller.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as opened:
+        rgb = opened.convert("RGB")
+    candidates: list[tuple[bytes, str]] = [(data, "png")]
+    if photographic is not True:
+        palette = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        error = np.abs(np.asarray(palette.convert("RGB"), dtype=np.int16) - np.asarray(rgb, dtype=np.int16))
+        if photographic is False or float(error.mean()) <= PALETTE_MAX_MEAN_ERROR:
+            buffer = io.BytesIO()
+            palette.save(buffer, format="PNG", optimize=True)
+            candidates.append((buffer.getvalue(), "png"))
+            photographic = False
+    if photographic is not False:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+        candidates.append((buffer.getvalue(), "jpg"))
+    return min(candidates, key=lambda candidate: len(candidate[0]))
 
 
 def _annotate_cells(ax, values: np.ndarray, text: np.ndarray, colors: np.ndarray, vmax: float) -> None:
@@ -50,7 +89,7 @@ def cross_domain_heatmaps(matrices: Mapping[str, pd.DataFrame], metric_label: st
     n_columns = min(n_panels, 3)
     n_rows = math.ceil(n_panels / n_columns)
     size = max(max(matrix.shape) for matrix in matrices.values())
-    panel = 1.0 + 0.75 * size
+    panel = 0.9 + 0.7 * size  # three panels side by side stay within the page column (1,140 px)
     figure = new_figure(panel * n_columns + 0.9, panel * n_rows + 0.3)
     axes = np.atleast_1d(figure.subplots(n_rows, n_columns, squeeze=False).ravel())
     image = None
@@ -149,25 +188,51 @@ def confusion_matrix_figure(counts: np.ndarray, class_names: Sequence[str], titl
     return figure
 
 
-def training_curves_figure(metrics: pd.DataFrame, title: str) -> Figure:
-    """Loss (train, val) and validation macro-F1 per epoch; dashed lines where a new stage starts."""
-    figure = new_figure(8.0, 3.2)
+def best_row(metrics: pd.DataFrame, best_epoch: int | None = None, best_stage: object = None) -> int | None:
+    """Row of metrics.csv that holds the best epoch: the one whose ``epoch`` (and ``stage``, when known)
+    is the run's recorded best (status.json ``best_epoch``, best.json ``stage``), the same field the
+    report's text quotes; without a record, the row with the highest validation macro-F1."""
+    if best_epoch is not None and "epoch" in metrics.columns:
+        epochs = pd.to_numeric(metrics["epoch"], errors="coerce")
+        match = epochs == int(best_epoch)
+        if best_stage is not None and "stage" in metrics.columns:
+            match &= metrics["stage"].astype(str) == str(best_stage)
+        if match.any():
+            return int(np.flatnonzero(match.to_numpy())[-1])
+    if "val/macro_f1" in metrics.columns:
+        f1 = pd.to_numeric(metrics["val/macro_f1"], errors="coerce").to_numpy(dtype=float)
+        if not np.all(np.isnan(f1)):
+            return int(np.nanargmax(f1))
+    return None
+
+
+def training_curves_figure(metrics: pd.DataFrame, title: str, best_epoch: int | None = None,
+                           best_stage: object = None) -> Figure:
+    """Loss (train, val) and validation macro-F1 per epoch; dotted lines where a new stage starts.
+
+    Points are placed in file order; the tick labels are metrics.csv's own ``epoch`` numbers, so the
+    star on the best epoch (:func:`best_row`) sits above the number the report's text gives. Legends
+    sit below the axes, where they hide no point.
+    """
+    figure = new_figure(8.0, 3.4)
     loss_ax, f1_ax = figure.subplots(1, 2)
-    epochs = np.arange(1, len(metrics) + 1)  # epochs across all stages, in file order
+    positions = np.arange(1, len(metrics) + 1)  # rows across all stages, in file order
+    if "epoch" in metrics.columns and pd.to_numeric(metrics["epoch"], errors="coerce").notna().all():
+        tick_labels = [str(int(e)) for e in pd.to_numeric(metrics["epoch"])]
+    else:
+        tick_labels = [str(p) for p in positions]
     for column, name, style in (("train/loss", "train loss", "-"), ("val/loss", "val loss", "--")):
         if column in metrics.columns:
-            loss_ax.plot(epochs, pd.to_numeric(metrics[column], errors="coerce"), style, marker="o",
+            loss_ax.plot(positions, pd.to_numeric(metrics[column], errors="coerce"), style, marker="o",
                          markersize=3, label=name)
-    loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
     if "val/macro_f1" in metrics.columns:
         f1 = pd.to_numeric(metrics["val/macro_f1"], errors="coerce").to_numpy(dtype=float)
-        f1_ax.plot(epochs, f1, marker="o", markersize=3, color="#2e8b57", label="val macro-F1")
-        if not np.all(np.isnan(f1)):
-            best = int(np.nanargmax(f1))
-            f1_ax.plot(epochs[best], f1[best], marker="*", markersize=12, color=FRONT_COLOR,
-                       linestyle="none", label="best")
-    f1_ax.set_xlabel("epoch")
+        f1_ax.plot(positions, f1, marker="o", markersize=3, color="#2e8b57", label="val macro-F1")
+        best = best_row(metrics, best_epoch, best_stage)
+        if best is not None and not np.isnan(f1[best]):
+            f1_ax.plot(positions[best], f1[best], marker="*", markersize=13, color=FRONT_COLOR,
+                       linestyle="none", label=f"best epoch ({tick_labels[best]})", zorder=5)
     f1_ax.set_ylabel("validation macro-F1")
     f1_ax.set_ylim(0, 1.02)
     starts: list[int] = []
@@ -178,16 +243,17 @@ def training_curves_figure(metrics: pd.DataFrame, title: str) -> Figure:
             for ax in (loss_ax, f1_ax):
                 for start in starts[1:]:
                     ax.axvline(start + 0.5, color="#555555", linestyle=":", linewidth=1.2)
-                for start in starts:  # row index `start` is epoch start + 1 on the axis
+                for start in starts:  # row index `start` is position start + 1 on the axis
                     ax.annotate(f"stage {stages[start]}", (start + 1, 1.0), xycoords=("data", "axes fraction"),
                                 xytext=(0, 3), textcoords="offset points", ha="left", va="bottom",
-                                fontsize=7, color="#555555")
+                                fontsize=MIN_FONT_PT, color="#555555")
     for ax in (loss_ax, f1_ax):
-        if len(starts) > 1:
-            ax.set_xlabel("epoch (all stages, in order)")
+        ax.set_xlabel("epoch (within each stage)" if len(starts) > 1 else "epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center right")
-        ax.set_xticks(epochs)
+        ax.set_xticks(positions, tick_labels)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=MIN_FONT_PT + 1, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                      frameon=False)
     figure.suptitle(title, fontsize=9)
     return figure
 

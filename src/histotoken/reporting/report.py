@@ -1,4 +1,4 @@
-"""``build_report``: a study folder's files -> ``report.html``, ``report.md`` and ``figures/*.png``.
+"""``build_report``: a study folder's files -> ``report.html``, ``report.md`` and ``figures/``.
 
 The report is rebuilt from the files alone (``docs/formats.md``, "Study folder"); nothing is
 re-run and no model code is imported. Each section is a module of its own under
@@ -55,13 +55,20 @@ def build_sections(study: StudyFiles, sections: Sequence[ReportSection] = SECTIO
     return built
 
 
-def build_report(study_dir: Path, out: Path | None = None) -> Path:
+FIGURES_MODES = ("inline", "external")
+
+
+def build_report(study_dir: Path, out: Path | None = None, figures: str = "inline") -> Path:
     """Rebuild a study's report from its files; return the path of ``report.html``.
 
     Writes ``out`` (default ``STUDY_DIR/report.html``), ``report.md`` beside it (same stem) and
-    the figures as PNG in ``figures/`` beside it. Raises ``FileNotFoundError`` when
+    the figures (palette PNG for plots, JPEG for photographs) in ``figures/`` beside it. With
+    ``figures="inline"`` the HTML holds them too (one file that opens anywhere); with
+    ``"external"`` it refers to ``figures/`` (for big studies). Raises ``FileNotFoundError`` when
     ``study_dir`` is not a study folder (no ``results.csv``).
     """
+    if figures not in FIGURES_MODES:
+        raise ValueError(f"figures={figures!r}: use one of {', '.join(FIGURES_MODES)}")
     study_dir = Path(study_dir)
     study = load_study(study_dir)
     out = Path(out) if out is not None else study.paths.report_html
@@ -71,11 +78,33 @@ def build_report(study_dir: Path, out: Path | None = None) -> Path:
     spec_name = (study.spec or {}).get("name") if isinstance(study.spec, dict) else None
     title = f"histotoken study report: {spec_name or study_dir.resolve().name}"
 
-    figures = collect_figures(sections)
-    for figure in figures:
+    collected = collect_figures(sections)
+    for figure in collected:
         atomic_write_bytes(out.parent / FIGURES_DIR / figure.name, figure.png)
     atomic_write_text(out.with_suffix(".md"), render_markdown(title, sections, banner))
-    atomic_write_text(out, render_html(title, sections, banner))
-    logger.info("wrote %s, %s and %d figures in %s", out, out.with_suffix(".md").name, len(figures),
-                out.parent / FIGURES_DIR)
+    external = figures == "external"
+    figure_bytes = sum(len(figure.png) for figure in collected)
+    page = render_html(title, sections, banner, external_figures=external, size_note=size_note(0, 0, external))
+    page = render_html(title, sections, banner, external_figures=external,
+                       size_note=size_note(len(page.encode("utf-8")), figure_bytes, external, len(collected)))
+    atomic_write_text(out, page)
+    logger.info("wrote %s (%s), %s and %d figures in %s", out, human_size(len(page.encode("utf-8"))),
+                out.with_suffix(".md").name, len(collected), out.parent / FIGURES_DIR)
     return out
+
+
+def human_size(n_bytes: float) -> str:
+    """``1.2 MB``, ``340 kB`` (decimal units, as file browsers show them)."""
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}" if n_bytes < 10 * scale else f"{n_bytes / scale:.0f} {unit}"
+    return f"{int(n_bytes)} bytes"
+
+
+def size_note(page_bytes: int, figure_bytes: int, external: bool, n_figures: int = 0) -> str:
+    """The line that states the page's size (measured on a first rendering; the line itself adds a few bytes)."""
+    if external:
+        return (f"This page: {human_size(page_bytes)}; its {n_figures} figures ({human_size(figure_bytes)}) are "
+                f"in {FIGURES_DIR}/ beside it (`histotoken report --figures external`).")
+    return (f"This page: {human_size(page_bytes)}, with its {n_figures} figures inline "
+            "(`histotoken report --figures external` keeps them beside it instead).")

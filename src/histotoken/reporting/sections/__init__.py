@@ -15,10 +15,13 @@ from histotoken.reporting.sections import (
     runs,
     setup,
     statistics,
+    summary,
 )
 from histotoken.reporting.sections.context import ReportSection, SectionContext
 
 SECTIONS: tuple[ReportSection, ...] = (
+    summary.SECTION,  # first: the renderer puts it right under the banner, above the contents
+    preview.SECTION,
     setup.SECTION,
     in_domain.SECTION,
     cross_domain.SECTION,
@@ -26,7 +29,6 @@ SECTIONS: tuple[ReportSection, ...] = (
     cost.SECTION,
     runs.SECTION,
     explanations.SECTION,
-    preview.SECTION,
     failed.SECTION,
 )
 

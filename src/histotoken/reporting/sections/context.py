@@ -21,6 +21,21 @@ class SectionContext:
 
     study: StudyFiles
     _figure_names: set[str] = dataclasses.field(default_factory=set)
+    _predictions: object = None
+
+    def predictions(self):
+        """The runs' per-image predictions (:class:`~histotoken.reporting.comparisons.StudyPredictions`),
+        read once and shared by the summary and the statistics section, so that both quote the same
+        paired intervals (same resamples, same seed)."""
+        if self._predictions is None:
+            from histotoken.reporting import comparisons
+            from histotoken.reporting import statistics as st
+
+            protocol = (self.study.spec or {}).get("protocol") or {}
+            n_resamples = int(protocol.get("bootstrap") or st.DEFAULT_RESAMPLES) if isinstance(protocol, dict) \
+                else st.DEFAULT_RESAMPLES
+            self._predictions = comparisons.StudyPredictions(self.study, n_resamples=max(n_resamples, 200))
+        return self._predictions
 
     @property
     def words(self) -> SourceWords:
@@ -43,12 +58,20 @@ class SectionContext:
         if self.multiple_tasks:
             blocks.append(Heading(f"Task: {task}", level=3))
 
-    def figure(self, name: str, figure, caption: str, how_to_read: str) -> FigureBlock:
-        """Render a matplotlib figure to a PNG block named ``name`` (made unique within the report)."""
-        return self.png_figure(name, plots.figure_to_png(figure), caption, how_to_read)
+    def figure(self, name: str, figure, caption: str, how_to_read: str, photographic: bool = False) -> FigureBlock:
+        """Render a matplotlib figure to a block named ``name`` (made unique within the report): a palette
+        PNG for a plot, a JPEG for a grid of photographs (``photographic``)."""
+        if photographic:
+            return self._block(name, plots.figure_to_jpeg(figure), "jpg", caption, how_to_read)
+        return self._block(name, plots.figure_to_png(figure), "png", caption, how_to_read)
 
     def png_figure(self, name: str, png: bytes, caption: str, how_to_read: str) -> FigureBlock:
-        """A PNG already on disk or in memory as a block named ``name`` (made unique within the report)."""
+        """A PNG another command wrote, re-encoded smaller where that costs nothing visible
+        (:func:`histotoken.reporting.plots.compress_image`), as a block named ``name``."""
+        data, extension = plots.compress_image(png)
+        return self._block(name, data, extension, caption, how_to_read)
+
+    def _block(self, name: str, data: bytes, extension: str, caption: str, how_to_read: str) -> FigureBlock:
         stem = file_name(name)
         # Two run ids may differ only in characters a file name cannot hold: keep both figures.
         unique, counter = stem, 1
@@ -56,7 +79,7 @@ class SectionContext:
             counter += 1
             unique = f"{stem}_{counter}"
         self._figure_names.add(unique)
-        return FigureBlock(f"{unique}.png", png, caption, how_to_read)
+        return FigureBlock(f"{unique}.{extension}", data, caption, how_to_read)
 
 
 @dataclasses.dataclass(frozen=True)

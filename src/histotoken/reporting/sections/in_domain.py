@@ -13,7 +13,7 @@ from histotoken.reporting.sections.context import ReportSection, SectionContext
 def build(context: SectionContext) -> list:
     study = context.study
     blocks: list = [Paragraph(
-        "Each row is one model trained and tested on the same magnification (in-domain), on the "
+        "Each row of the first table is one model trained and tested on the same magnification (in-domain), on the "
         "held-out patients of the test split. Each value is followed by its 95% interval as the evaluation "
         "wrote it (a bootstrap over test patients; the value alone where the file has no interval). With "
         "several seeds or folds, the value is their mean and no interval is shown here (averaged interval "
@@ -25,7 +25,6 @@ def build(context: SectionContext) -> list:
     table = tables.in_domain_table(study.summary)
     if table.empty:
         return blocks + [Note("results.csv has no in-domain rows (test domain = train domain).")]
-    table = tables.join_efficiency(table, study.efficiency)
     shown = pd.DataFrame({"model": table["model"]})
     if context.multiple_tasks:
         shown["task"] = table["task"]
@@ -36,9 +35,14 @@ def build(context: SectionContext) -> list:
             format_estimate(v, lo, hi)
             for v, lo, hi in zip(table[metric], table[f"{metric}_low"], table[f"{metric}_high"])
         ]
-    shown = pd.concat([shown, format_efficiency(table)], axis=1)
-    blocks.append(Table(shown))
+    blocks.append(Table(shown, "Each model on the test split of the magnification it was trained on: value "
+                               "[95% interval]"))
     blocks += statistics.notes_blocks(study, in_domain_only=True)  # few test patients, degenerate intervals
+    if study.efficiency is not None:  # cost is the model's, whatever it was trained on: one row per model
+        models = pd.DataFrame({"model": list(dict.fromkeys(table["model"]))})
+        cost = tables.join_efficiency(models, study.efficiency)
+        blocks.append(Table(pd.concat([cost[["model"]], format_efficiency(cost)], axis=1),
+                            "Cost of each model, measured once per model"))
     if study.efficiency is None:
         blocks.append(Note("efficiency.csv is missing: latency, throughput, memory, parameters, GFLOPs and "
                            "tokens are not shown. Run `histotoken benchmark` for the study's models and save "

@@ -67,6 +67,7 @@ def build(context: SectionContext) -> list:
         (f"Rows are tumour classes and columns magnifications, {PREVIEW_PER_CELL} images each" if by_magnification
          else f"Rows are tumour classes, {PREVIEW_PER_CELL} images each") + " from different patients where "
         "possible; check that each row looks like what its label names.",
+        photographic=True,
     )]
     if found < tried:
         blocks.append(Note(f"{tried - found} of {tried} preview images could not be read "

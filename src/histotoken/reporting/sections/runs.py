@@ -39,12 +39,17 @@ def _run_blocks(context: SectionContext, run_id: str, run_dir: Path, row: dict) 
     blocks: list = []
     if not run_dir.is_dir():
         return [Note(f"The run folder {run_dir} is missing.")]
-    status = tables.read_json_if_present(RunPaths(run_dir).status)
+    paths = RunPaths(run_dir)
+    status = tables.read_json_if_present(paths.status)
+    best = tables.read_json_if_present(paths.best_meta)
+    best_epoch = status.get("best_epoch") if isinstance(status, dict) else None
+    best_stage = best.get("stage") if isinstance(best, dict) and best.get("epoch") == best_epoch else None
     if isinstance(status, dict):
         stages = status.get("stages_done") or []
+        where = f" (stage {best_stage})" if best_stage is not None and len(stages) > 1 else ""
         blocks.append(Paragraph(
-            f"State: {status.get('state', MISSING)}; best epoch: {status.get('best_epoch', MISSING)}"
-            + (f"; stages: {', '.join(map(str, stages))}" if stages else "") + "."
+            f"State: {status.get('state', MISSING)}; best epoch: {best_epoch if best_epoch is not None else MISSING}"
+            f"{where}" + (f"; stages: {', '.join(map(str, stages))}" if stages else "") + "."
         ))
     train_domain = str(row.get("train_domain", ""))
     evaluation = tables.read_json_if_present(RunPaths(run_dir).eval_file(train_domain))
@@ -62,15 +67,16 @@ def _run_blocks(context: SectionContext, run_id: str, run_dir: Path, row: dict) 
     else:
         blocks.append(Note(f"eval/{train_domain}.json is missing or has no confusion matrix: "
                            "no confusion matrix for this run."))
-    metrics = tables.read_csv_if_present(RunPaths(run_dir).metrics, {"stage": str})
+    metrics = tables.read_csv_if_present(paths.metrics, {"stage": str})
     if metrics is not None and len(metrics):
         blocks.append(context.figure(
             f"run_{file_name(run_id)}_curves",
-            plots.training_curves_figure(metrics, f"{run_id}"),
+            plots.training_curves_figure(metrics, f"{run_id}", best_epoch=best_epoch, best_stage=best_stage),
             f"Training curves of {run_id}.",
             "Left: training and validation loss per epoch (lower is better; a widening gap means "
-            "over-fitting); right: validation macro-F1, the star marks the best epoch; dotted vertical "
-            "lines mark where a new training stage began.",
+            "over-fitting); right: validation macro-F1, the star marks the best epoch (the one named above, "
+            "from status.json); the axis numbers epochs as metrics.csv does; dotted vertical lines mark where "
+            "a new training stage began.",
         ))
     else:
         blocks.append(Note("metrics.csv is missing or empty: no training curves for this run."))

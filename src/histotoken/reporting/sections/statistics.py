@@ -1,8 +1,9 @@
 """Report section "Statistics": seeds pooled properly, and paired comparisons with intervals.
 
 Reads each run's ``eval/<domain>.predictions.csv`` (:mod:`histotoken.reporting.comparisons`). A
-sentence that says one side is better than the other appears only when the 95% interval of the
-difference excludes zero; otherwise the text says the difference is not resolved at this sample size.
+verdict that names the side ahead appears only when the 95% interval of the difference excludes zero;
+otherwise it says the difference is not resolved at this sample size. One table per comparison, with
+its caption above it; no repeated sentences.
 """
 
 from __future__ import annotations
@@ -57,9 +58,7 @@ def claim(a: str, b: str, metric: str, row: dict, where: str) -> str:
 
 def build(context: SectionContext) -> list:
     study = context.study
-    protocol = (study.spec or {}).get("protocol") or {}
-    n_resamples = int(protocol.get("bootstrap") or st.DEFAULT_RESAMPLES)
-    data = comparisons.StudyPredictions(study, n_resamples=max(n_resamples, 200))
+    data = context.predictions()
     blocks: list = [Paragraph(INTRO), *st.notes_blocks(study)]  # what the evaluations cannot support
     if not any(data.folds(*key, test) for key in data.runs for test in set(study.summary["test_domain"])):
         return blocks + [Note(
@@ -116,32 +115,45 @@ def _pooled_blocks(context: SectionContext, data, task: str) -> list:
     return blocks
 
 
+def verdict(a: str, b: str, row: dict) -> str:
+    """The verdict column: who is ahead where the interval excludes 0, else "not resolved"."""
+    if np.isnan(row["difference"]) or not st.is_resolved(row["low"], row["high"]):
+        return UNRESOLVED
+    return f"{a} ahead" if row["difference"] > 0 else f"{b} ahead"
+
+
+def mcnemar_text(p_value: float) -> str:
+    return MISSING if p_value is None or np.isnan(p_value) else f"{p_value:.3f}"
+
+
 def _reference_blocks(context: SectionContext, data, task: str, reference: str) -> list:
     blocks: list = [Heading(f"Paired differences against {reference}", level=context.sub_level)]
     table = comparisons.reference_differences(data, reference, task)
     if table.empty:
         return blocks + [Note(f"No other model shares test predictions with the reference model {reference}.")]
     blocks.append(Paragraph(
-        f"Each cell is macro-F1 of the row's model minus that of {reference} (the reference model; set "
-        "`reference_model:` in the study file to choose another), on the same test images, with its 95% "
-        "paired-bootstrap interval. Positive: the model beats the reference."
+        f"One table per model: each row is one train x test cell, macro-F1 of the model minus that of "
+        f"{reference} (the reference model; set `reference_model:` in the study file to choose another) on the "
+        "same test images, with its 95% paired-bootstrap interval, and McNemar's exact test on accuracy. "
+        f"Verdict: who is ahead, only where the interval excludes 0; otherwise {UNRESOLVED}."
     ))
     headline = table[table["metric"] == HEADLINE]
+    accuracy = table[table["metric"] == "accuracy"].set_index(["model", "train_domain", "test_domain"])
     for model in dict.fromkeys(headline["model"]):
-        rows = headline[headline["model"] == model]
-        matrix = rows.pivot_table(index="train_domain", columns="test_domain", values="difference", aggfunc="first",
-                                  sort=False)
-        cells = {(r.train_domain, r.test_domain): format_difference(r.difference, r.low, r.high)
-                 for r in rows.itertuples()}
-        shown = pd.DataFrame({"trained on": list(matrix.index)})
-        for test_domain in matrix.columns:
-            shown[f"tested on {test_domain}"] = [cells.get((train, test_domain), MISSING) for train in matrix.index]
-        blocks.append(Table(shown, f"{context.label(model, task)} - {reference}: macro-F1 difference [95% interval]."))
-        blocks.append(Paragraph(" ".join(
-            claim(model, reference, HEADLINE, row, f"when trained on {row['train_domain']} and tested on "
-                                                   f"{row['test_domain']}")
-            for row in rows.to_dict("records")
-        )))
+        rows = headline[headline["model"] == model].to_dict("records")
+        p_values = [accuracy["mcnemar_p"].get((model, r["train_domain"], r["test_domain"]), np.nan) for r in rows]
+        shown = pd.DataFrame({
+            "trained on": [r["train_domain"] for r in rows],
+            "tested on": [r["test_domain"] for r in rows],
+            "F1 model": [format_number(r["a"], 3) for r in rows],
+            "F1 reference": [format_number(r["b"], 3) for r in rows],
+            "difference [95% interval]": [format_difference(r["difference"], r["low"], r["high"]) for r in rows],
+            "resamples ahead": [f"{r['share_a_better']:.0%}" for r in rows],
+            "McNemar p (accuracy)": [mcnemar_text(p) for p in p_values],
+            "verdict": [verdict("model", "reference", r) for r in rows],
+        })
+        blocks.append(Table(shown, f"{context.label(model, task)} minus {reference}: macro-F1 difference "
+                                   "per train x test cell"))
     blocks.append(Details("All metrics, share of resamples ahead and McNemar's test",
                           [Table(_detail_table(table, ["model", "train_domain", "test_domain"]))]))
     return blocks
@@ -163,16 +175,13 @@ def _asymmetry_blocks(context: SectionContext, data, task: str) -> list:
         "A - B [95% interval]": [format_difference(d, lo, hi) for d, lo, hi in
                                  zip(headline["difference"], headline["low"], headline["high"])],
         "resamples A ahead": [f"{v:.0%}" for v in headline["share_a_better"]],
+        "verdict": [verdict("A", "B", row) for row in headline.to_dict("records")],
     })
-    blocks.append(Table(shown, "Paired over the same test patients (their images at the two magnifications): "
+    blocks.append(Table(shown, "Transfer down (A: higher to lower magnification) against transfer up (B), per "
+                               "model"))
+    return blocks + [Paragraph("Paired over the same test patients (their images at the two magnifications): "
                                "positive means the model transfers better from the higher magnification down "
-                               "than from the lower one up."))
-    sentences = []
-    for row in headline.to_dict("records"):
-        a = f"train {row['high_domain']} -> test {row['low_domain']}"
-        b = f"train {row['low_domain']} -> test {row['high_domain']}"
-        sentences.append(claim(a, b, HEADLINE, row, f"for {row['model']}"))
-    return blocks + [Paragraph(" ".join(sentences))]
+                               "than from the lower one up.")]
 
 
 def _mixed_blocks(context: SectionContext, data, task: str) -> list:
@@ -184,24 +193,20 @@ def _mixed_blocks(context: SectionContext, data, task: str) -> list:
     headline = table[table["metric"] == HEADLINE]
     shown = pd.DataFrame({
         "model": [context.label(m, task) for m in headline["model"]],
+        "trained on": headline["mixed_domain"],
         "test": headline["test_domain"],
-        "F1 trained on mixed": [format_number(v, 3) for v in headline["a"]],
-        "F1 trained on test magnification": [format_number(v, 3) for v in headline["b"]],
+        "F1 mixed": [format_number(v, 3) for v in headline["a"]],
+        "F1 test magnification alone": [format_number(v, 3) for v in headline["b"]],
         "gain [95% interval]": [format_difference(d, lo, hi) for d, lo, hi in
                                 zip(headline["difference"], headline["low"], headline["high"])],
         "resamples mixed ahead": [f"{v:.0%}" for v in headline["share_a_better"]],
-        "McNemar p (accuracy)": [format_number(v, 3) for v in
-                                 table[table["metric"] == "accuracy"]["mcnemar_p"]],
+        "McNemar p (accuracy)": [mcnemar_text(v) for v in table[table["metric"] == "accuracy"]["mcnemar_p"]],
+        "verdict": [verdict("mixed", "single", row) for row in headline.to_dict("records")],
     })
-    blocks.append(Table(shown, "Gain = macro-F1 of the run trained on the mixed domain minus that of the run "
+    blocks.append(Table(shown, "Mixed-magnification training against the test magnification alone, per model"))
+    return blocks + [Paragraph("Gain = macro-F1 of the run trained on the mixed domain minus that of the run "
                                "trained on the test magnification alone (the in-domain specialist), on the "
-                               "same test images."))
-    sentences = [
-        claim(f"training on {row['mixed_domain']}", f"training on {row['test_domain']} alone", HEADLINE, row,
-              f"for {row['model']} tested on {row['test_domain']}")
-        for row in headline.to_dict("records")
-    ]
-    return blocks + [Paragraph(" ".join(sentences))]
+                               "same test images.")]
 
 
 def _detail_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -217,6 +222,7 @@ def _detail_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     shown["resamples A ahead"] = [f"{v:.0%}" for v in rows["share_a_better"]]
     shown["McNemar p"] = [format_number(v, 3) for v in rows["mcnemar_p"]]
     shown["seeds"] = rows["n_folds"].astype(str)
+    shown["verdict"] = [verdict("A", "B", row) for row in rows.to_dict("records")]
     return shown.reset_index(drop=True)
 
 
