@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import lightning as L
 import pandas as pd
@@ -37,15 +39,25 @@ def test_named_baselines_train_and_evaluate_at_tiny_size(synthetic_root, tmp_pat
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
-def test_run_folder_records_config_environment_and_frozen_split(synthetic_root, tmp_path):
-    train(tiny_config(synthetic_root, epochs=2), tmp_path / "run")
+def test_run_folder_records_config_environment_and_frozen_split(synthetic_root, tmp_path, caplog, capfd):
+    with caplog.at_level(logging.INFO, logger="histotoken.engine.callbacks"):
+        train(tiny_config(synthetic_root, epochs=2), tmp_path / "run", progress_bar=True)
+    bar = "".join(capfd.readouterr())  # Lightning's bar writes to stdout
     run = tmp_path / "run"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"] == "resnet18" and config["epochs"] == 2
     environment = json.loads((run / "environment.json").read_text())
     assert environment["seed"] == 0 and environment["packages"]["torch"]
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1]
+    # one epoch numbering (from 1) in the console line, metrics.csv, best.json and status.json
+    console = [int(m.group(1)) for m in re.finditer(r"stage 1 epoch (\d+)/2:", caplog.text)]
+    assert console == list(metrics["epoch"]) == [1, 2]
+    assert "Epoch 1/2" in bar and "Epoch 2/2" in bar and "Epoch 0" not in bar  # the progress bar counts alike
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    ranked = metrics.sort_values(["val/macro_f1", "val/acc"], ascending=False, kind="stable")
+    assert best["epoch"] == int(ranked["epoch"].iloc[0])  # the row whose scores best.json records
+    assert best["val/macro_f1"] == pytest.approx(ranked["val/macro_f1"].iloc[0])
+    assert json.loads((run / "status.json").read_text())["best_epoch"] == best["epoch"]
     for column in ("train/loss", "train/acc", "train/macro_f1", "val/loss", "val/acc", "val/macro_f1",
                    "val/f1/adenosis", "epoch_time_s", "peak_memory_mb"):
         assert metrics[column].notna().all(), column
@@ -94,7 +106,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(synthetic_root, tmp_path):
     first_rows = pd.read_csv(tmp_path / "run" / "metrics.csv")
     result = train(config, tmp_path / "run")
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1, 2]  # epoch 0 kept, training went on from epoch 1
+    assert list(metrics["epoch"]) == [1, 2, 3]  # epoch 1 kept, training went on from epoch 2
     assert metrics.loc[0, "train/loss"] == pytest.approx(first_rows.loc[0, "train/loss"])
     assert not result.already_finished
 

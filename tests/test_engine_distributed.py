@@ -31,7 +31,7 @@ def test_ddp_on_two_cpu_processes_writes_each_epoch_once_and_evaluates_like_one_
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # only the first process reports
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1]
+    assert list(metrics["epoch"]) == [1, 2]  # epochs count from 1
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     distributed = json.loads((run / "eval" / "100.json").read_text())
     split = pd.read_csv(run / "splits.csv", dtype={"patient_id": str, "magnification": str})
@@ -105,7 +105,7 @@ def test_experiment_loggers_log_and_metrics_csv_stays(synthetic_root, tmp_path, 
     run = tmp_path / "run"
     train(tiny_config(synthetic_root, logger=name), run)
     assert list(run.glob(expected)), f"{name} wrote nothing at {expected}: {sorted(str(p) for p in run.rglob('*'))[:20]}"
-    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [0]
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1]
 
 
 def test_weights_of_another_model_give_a_short_error(synthetic_root, tmp_path):

@@ -8,6 +8,7 @@ model rebuilt from the folder, so a wrong export shows up as a logit difference.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -50,10 +51,45 @@ def test_every_registered_family_is_exported_here():
 
 
 def build(name: str, kwargs: dict) -> nn.Module:
+    """A model whose logits depend on its input, so that a parity check can fail.
+
+    Freshly built, some cannot: timm zeroes mixer_tiny's head (every logit 0), and convmixer_tiny's
+    features vary by ~1e-5 across images while its BatchNorm layers hold the initial statistics
+    (logits vary by 3e-6, below the tolerance). So BatchNorm statistics come from a seeded batch and
+    the head gets seeded random weights; :func:`logit_spread` checks the result.
+    """
     from histotoken.models.factory import ModelSpec, create_model
 
     torch.manual_seed(0)
-    return create_model(ModelSpec(name, tuple(sorted(kwargs.items()))), len(CLASSES), IMG).eval()
+    model = create_model(ModelSpec(name, tuple(sorted(kwargs.items()))), len(CLASSES), IMG)
+    generator = torch.Generator().manual_seed(1)
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        if norms:
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # cumulative average over the calibration batch
+            model.train()(torch.randn(16, 3, IMG, IMG, generator=generator))
+        head = model.get_classifier()
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 2 / head.in_features**0.5)
+        head.bias.copy_(torch.randn(head.bias.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def logit_spread(model: nn.Module) -> float:
+    """Largest deviation of a logit from its mean over the check images: what a parity check can see."""
+    from histotoken.engine.export import normalise
+
+    images = normalise(check_images(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():
+        logits = model(images)
+    return float((logits - logits.mean(dim=0)).abs().max())
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [pytest.param(name, kwargs, id=label) for label, name, kwargs in FAMILIES])
+def test_every_exported_model_has_logits_that_vary_far_beyond_the_tolerance(name, kwargs):
+    # otherwise a parity test on it passes whatever the export does
+    assert logit_spread(build(name, kwargs)) > 100 * TOLERANCE
 
 
 def info_for(name: str, kwargs: dict) -> ExportInfo:
@@ -75,14 +111,18 @@ def _cases(fmt: str, expected_failures: dict[str, str]):
 
 @pytest.mark.parametrize(("name", "kwargs"), _cases("onnx", {}))
 def test_onnx_export_reproduces_pytorch_logits(name, kwargs, tmp_path):
-    result = export_model(build(name, kwargs), "onnx", tmp_path, info_for(name, kwargs), check_images())
+    model = build(name, kwargs)
+    assert logit_spread(model) > 100 * TOLERANCE  # the check below can fail
+    result = export_model(model, "onnx", tmp_path, info_for(name, kwargs), check_images())
     assert result.max_abs_diff <= TOLERANCE
     assert (tmp_path / ONNX_FILE).is_file()
 
 
 @pytest.mark.parametrize(("name", "kwargs"), _cases("torchscript", {}))
 def test_torchscript_export_reproduces_pytorch_logits(name, kwargs, tmp_path):
-    result = export_model(build(name, kwargs), "torchscript", tmp_path, info_for(name, kwargs), check_images())
+    model = build(name, kwargs)
+    assert logit_spread(model) > 100 * TOLERANCE  # the check below can fail
+    result = export_model(model, "torchscript", tmp_path, info_for(name, kwargs), check_images())
     assert result.max_abs_diff <= TOLERANCE
     assert result.method in ("torch.jit.script", "torch.jit.trace")
     if name in OUR_DONOR_FAMILIES:  # our families script (no trace fallback: data-dependent paths stay intact)
@@ -98,6 +138,7 @@ def test_timm_folder_loads_with_timm_create_model(name, kwargs, tmp_path, monkey
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing may come from the network
     model = build(name, kwargs)
+    assert logit_spread(model) > 100 * TOLERANCE  # the check below can fail
     result = export_model(model, "timm", tmp_path, info_for(name, kwargs), check_images())
     assert result.max_abs_diff <= TOLERANCE
     config = json.loads((tmp_path / TIMM_CONFIG_FILE).read_text())
@@ -233,9 +274,11 @@ def test_onnx_export_of_a_merged_vit_runs_at_other_batch_sizes(tmp_path):
     export_model(model, "onnx", tmp_path, info_for("deit_tiny_patch16_224", kwargs), check_images())
     session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
     images = torch.randn(5, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))  # exported at batch 2
-    with torch.no_grad():
+    from histotoken.models.records import record_tokens
+
+    with torch.no_grad(), record_tokens(model) as record:
         expected = model(images)
-    assert model.tokens_per_block == [17, 13]  # tokens were merged in the PyTorch reference
+    assert record.tokens_per_block == [17, 13]  # tokens were merged in the PyTorch reference
     exported = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
     torch.testing.assert_close(exported, expected, atol=TOLERANCE, rtol=0)
 
@@ -271,3 +314,80 @@ def test_onnx_token_merge_sums_several_tokens_into_one_at_any_batch_size(tmp_pat
     onnx_merged, onnx_size = session.run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_size), size, atol=0, rtol=0)
     torch.testing.assert_close(torch.from_numpy(onnx_merged), merged, atol=1e-6, rtol=0)
+
+
+def test_export_out_with_the_format_suffix_writes_that_file_and_a_manifest_named_after_it(tmp_path, capsys):
+    from histotoken.cli.main import main
+
+    run = make_run(tmp_path / "run", "resnet18", CLASSES, IMG, test_images=[tmp_path / "gone.png"])
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "out" / "r18.onnx")]) == 0
+    assert (tmp_path / "out" / "r18.onnx").is_file()  # a file, not a folder named r18.onnx
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["r18.export.json", "r18.onnx"]
+    assert json.loads((tmp_path / "out" / "r18.export.json").read_text())["file"] == "r18.onnx"
+    assert "r18.onnx" in capsys.readouterr().out
+
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "ts" / "model.pt")]) == 0
+    loaded = torch.jit.load(str(tmp_path / "ts" / "model.pt"))
+    assert loaded(torch.zeros(2, 3, IMG, IMG)).shape == (2, len(CLASSES))
+    assert (tmp_path / "ts" / "model.export.json").is_file()
+
+
+def test_export_out_without_a_suffix_is_a_folder(tmp_path):
+    run = make_run(tmp_path / "run", "resnet18", CLASSES, IMG, test_images=[tmp_path / "gone.png"])
+    result = export_run(run, "onnx", tmp_path / "exported")
+    assert result.model_file == tmp_path / "exported" / ONNX_FILE
+    assert sorted(path.name for path in (tmp_path / "exported").iterdir()) == [EXPORT_MANIFEST, ONNX_FILE]
+
+
+def test_export_out_with_another_formats_suffix_is_refused(tmp_path, capsys):
+    from histotoken.cli.main import main
+
+    run = make_run(tmp_path / "run", "resnet18", CLASSES, IMG, test_images=[tmp_path / "gone.png"])
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "model.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "--format onnx" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def _export_onnx_once(tmp_path) -> tuple[bytes, bytes]:
+    model = build("resnet18", {})
+    export_model(model, "onnx", tmp_path, info_for("resnet18", {}), check_images())
+    return (tmp_path / ONNX_FILE).read_bytes(), (tmp_path / EXPORT_MANIFEST).read_bytes()
+
+
+def test_a_failed_re_export_leaves_the_previous_export_whole(tmp_path):
+    model_bytes, manifest_bytes = _export_onnx_once(tmp_path)
+    with pytest.raises(ExportError, match="does not reproduce PyTorch"):
+        export_model(_RepeatedIndexAdd(), "onnx", tmp_path, info_for("toy", {}), check_images())
+    assert (tmp_path / ONNX_FILE).read_bytes() == model_bytes
+    assert (tmp_path / EXPORT_MANIFEST).read_bytes() == manifest_bytes
+    assert sorted(path.name for path in tmp_path.iterdir()) == [EXPORT_MANIFEST, ONNX_FILE]  # no temporary left
+
+
+def test_an_export_killed_while_writing_never_tears_the_model_beside_its_manifest(tmp_path, monkeypatch):
+    import histotoken.engine.export as export_module
+
+    model_bytes, manifest_bytes = _export_onnx_once(tmp_path)
+
+    def killed_mid_write(model, path, example, exporter="torchscript"):
+        Path(path).write_bytes(b"\x08\x07half an onnx")  # torn bytes, then the process stops
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "export_onnx", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(build("resnet18", {}), "onnx", tmp_path, info_for("resnet18", {}), check_images())
+    assert (tmp_path / ONNX_FILE).read_bytes() == model_bytes
+    assert (tmp_path / EXPORT_MANIFEST).read_bytes() == manifest_bytes
+
+
+def test_a_full_disk_during_a_torchscript_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(module, path):
+        Path(path).write_bytes(b"PK\x03\x04 eight megabytes of zip, cut short")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch.jit, "save", disk_full)
+    with pytest.raises(ExportError):
+        export_model(build("resnet18", {}), "torchscript", tmp_path, info_for("resnet18", {}), check_images())
+    assert list(tmp_path.iterdir()) == []

@@ -68,7 +68,7 @@ def test_sigterm_then_kill_9_then_rerun_resumes_and_records_every_epoch_once(syn
     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert finished.returncode == 0, finished.stderr
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics["epoch"]) == list(range(6))  # every epoch exactly once, in order
+    assert list(metrics["epoch"]) == list(range(1, 7))  # every epoch exactly once, in order
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
@@ -94,7 +94,7 @@ def test_a_torn_last_checkpoint_is_reported_and_the_stage_restarts(synthetic_roo
         result = train(config, run)
     assert "last.ckpt is incomplete" in caplog.text and "restarting stage 1" in caplog.text
     assert (run / "checkpoints" / "last.ckpt.torn").is_file()
-    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [0, 1, 2]
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3]
     assert not result.already_finished
 
 
@@ -111,6 +111,23 @@ def test_two_stage_model_resumes_in_the_middle_of_stage_two(learnable_root, tmp_
     stage1_weights = (run / "checkpoints" / "stage1_final.safetensors").read_bytes()
     train(config, run)
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(zip(metrics["stage"], metrics["epoch"])) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    assert list(zip(metrics["stage"], metrics["epoch"])) == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)]
     assert (run / "checkpoints" / "stage1_final.safetensors").read_bytes() == stage1_weights  # stage 1 not redone
     assert json.loads((run / "status.json").read_text())["stages_done"] == [1, 2]
+
+
+def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
+    # os.umask(0) for a moment would let another thread's files be created world-writable.
+    from histotoken.io import atomic_write_json
+
+    reference = tmp_path / "reference.txt"
+    reference.write_text("made by open(), with the process's umask")  # the mode any ordinary file gets
+
+    def forbidden(mask):
+        raise AssertionError("os.umask must not be called while threads may create files")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    written = atomic_write_json(tmp_path / "sub" / "result.json", {"a": 1})
+    assert json.loads(written.read_text()) == {"a": 1}
+    assert (written.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+    assert [path.name for path in written.parent.iterdir()] == ["result.json"]  # no temporary left behind

@@ -74,6 +74,37 @@ def test_tta_gives_one_distribution_per_image_that_rotation_and_flip_do_not_chan
     assert not np.allclose(without[0], without[1], atol=1e-5)  # a plain model is not invariant
 
 
+def test_tta_is_one_prediction_pass_equal_to_the_mean_of_the_8_views_scored_alone(run_dir, tmp_path, monkeypatch):
+    import lightning
+    from PIL import Image
+
+    original = write_image(tmp_path / "square.png", seed=5, size=(IMG, IMG))
+    # the 8 elements of the dihedral group, made by PIL and each scored as its own image without TTA
+    pil_views = [None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+                 Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
+                 Image.Transpose.TRANSVERSE]
+    view_files = []
+    for index, operation in enumerate(pil_views):
+        image = Image.open(original)
+        (image if operation is None else image.transpose(operation)).save(tmp_path / f"view{index}.png")
+        view_files.append(tmp_path / f"view{index}.png")
+    columns = [f"prob/{c}" for c in CLASSES]
+    single_views = predict_images(run_dir, view_files)[columns].to_numpy()  # (8, C)
+    assert len({tuple(np.round(row, 6)) for row in single_views}) > 1  # the views do differ for this model
+
+    built = []
+
+    class CountingTrainer(lightning.Trainer):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lightning, "Trainer", CountingTrainer)
+    with_tta = predict_images(run_dir, [original], tta=True)[columns].to_numpy()[0]
+    assert len(built) == 1  # one Trainer (one pass) for all 8 views, not one per view
+    np.testing.assert_allclose(with_tta, single_views.mean(axis=0), atol=1e-5)
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         collect_inputs([tmp_path / "nowhere.png"])

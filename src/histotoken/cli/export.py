@@ -18,6 +18,7 @@ Input to every format: float32 (batch, 3, S, S) RGB scaled to [0, 1] and normali
 Examples:
   histotoken export runs/r18_100 --format onnx
   histotoken export runs/deit_100 --format timm --out exported/deit_100
+  histotoken export runs/r18_100 --format onnx --out r18.onnx     # r18.onnx + r18.export.json
 """
 
 
@@ -27,7 +28,10 @@ def add_parser(subparsers):
     parser = add_command(subparsers, "export", "export a run (onnx, torchscript, timm folder)", DESCRIPTION)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `histotoken train`")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/export/<format>)")
+    parser.add_argument("--out", metavar="PATH",
+                        help="output folder (default: RUN_DIR/export/<format>), or the model file itself: "
+                             "a name ending .onnx (onnx) or .pt/.ts (torchscript); its manifest is then "
+                             "NAME.export.json beside it")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted |logit difference| to PyTorch (default %(default)g)")
     parser.add_argument("--check-images", type=int, default=8, help="test images used for the check")

@@ -58,6 +58,11 @@ def add_parser(subparsers):
     parser.add_argument("--weights", metavar="FILE", help="start from a local .safetensors or timm checkpoint")
     parser.add_argument("--merge-r", type=int, help="token merging: tokens merged per block (ViT/DeiT)")
     parser.add_argument(
+        "--probe", choices=["linear", "knn", "mlp"],
+        help="train a probe on frozen --model features instead of fine-tuning (see docs/features.md)",
+    )
+    parser.add_argument("--features", metavar="FEATURES", help="--probe: a `histotoken embed` folder (default: cached)")
+    parser.add_argument(
         "--stain-norm", choices=["none", "macenko", "reinhard", "vahadane"],
         help="normalise every image's stain to --stain-target once, when the image store is built (torchstain)",
     )
@@ -101,6 +106,8 @@ def run(args) -> int:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     overrides.update(parse_overrides(args.overrides))
     config = load_run_config(args.config, overrides)
+    if args.probe:  # frozen features + a scikit-learn probe (histotoken.features.probe)
+        return _run_probe(args, config)
     result = train(config, args.out)
     if not is_global_zero():  # other processes of a multi-device run stay quiet
         return 0
@@ -113,5 +120,19 @@ def run(args) -> int:
             f"test ({ev['domain']}): macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f}, "
             f"patient accuracy {ev['patient_accuracy']:.3f}"
         )
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _run_probe(args, config) -> int:
+    from histotoken.features.probe import ProbeSettings, train_probe
+
+    result = train_probe(config, args.out, ProbeSettings(kind=args.probe), args.features, args.img_size)
+    if result.already_finished:
+        print(f"{result.run_dir} is already finished; nothing to do (delete it to train again).")
+    else:
+        ev = result.evaluation
+        print(f"{args.probe} probe on {config.model} features ({result.features}): test ({ev['domain']}) "
+              f"macro-F1 {ev['macro_f1']:.3f}, accuracy {ev['accuracy']:.3f}, patient accuracy {ev['patient_accuracy']:.3f}")
     print(f"run folder: {result.run_dir}")
     return 0

@@ -1,4 +1,9 @@
-"""Callbacks that write the run folder: per-epoch metrics.csv and the best weights (safetensors)."""
+"""Callbacks that write the run folder: per-epoch metrics.csv and the best weights (safetensors).
+
+Epochs are numbered from 1 within each stage, everywhere a person reads them: the console line,
+metrics.csv's ``epoch`` column, best.json's ``epoch`` and status.json's ``best_epoch`` (see
+:func:`epoch_number`). Lightning's ``trainer.current_epoch`` counts from 0.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 
 from histotoken.formats import BEST_META, BEST_WEIGHTS, VAL_ACC, VAL_MACRO_F1
 from histotoken.io import atomic_write_json, atomic_write_text
@@ -31,6 +36,24 @@ def _scalar(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def epoch_number(trainer: L.Trainer) -> int:
+    """The epoch being run, counted from 1 (Lightning's ``current_epoch`` counts from 0)."""
+    return trainer.current_epoch + 1
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with epochs counted from 1 ("Epoch 1/3") like every other epoch number here."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # as Lightning's own hook, with our description (its hook would first print "Epoch 0")
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        total = self.total_train_batches
+        self.train_progress_bar.reset(total=None if total == float("inf") else total)
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.set_description(f"Epoch {epoch_number(trainer)}/{trainer.max_epochs}")
+
+
 class EpochMetricsWriter(Checkpoint):
     """Appends one row per epoch to metrics.csv (rewritten atomically, so it is never half written).
 
@@ -43,11 +66,12 @@ class EpochMetricsWriter(Checkpoint):
         self._epoch_start = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs after a checkpoint was restored: a resumed stage drops rows of epochs it runs again.
+        # Runs after a checkpoint was restored: a resumed stage drops rows of epochs it runs again
+        # (epochs 1..current_epoch are done; the next to run is current_epoch + 1).
         if trainer.is_global_zero and self.path.is_file():
             frame = pd.read_csv(self.path)
             keep = (frame["stage"] < self.stage) | (
-                (frame["stage"] == self.stage) & (frame["epoch"] < trainer.current_epoch)
+                (frame["stage"] == self.stage) & (frame["epoch"] <= trainer.current_epoch)
             )
             atomic_write_text(self.path, frame[keep].to_csv(index=False))
 
@@ -64,7 +88,7 @@ class EpochMetricsWriter(Checkpoint):
         ]
         row = {
             "stage": self.stage,
-            "epoch": trainer.current_epoch,
+            "epoch": epoch_number(trainer),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             **{k: metrics[k] for k in ordered},
             "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3),
@@ -72,7 +96,7 @@ class EpochMetricsWriter(Checkpoint):
         }
         logger.info(
             "stage %d epoch %d/%d: train loss %.3f, val loss %.3f, val acc %.3f, val macro-F1 %.3f (%.1f s)",
-            self.stage, trainer.current_epoch + 1, trainer.max_epochs, row.get("train/loss", float("nan")),
+            self.stage, row["epoch"], trainer.max_epochs, row.get("train/loss", float("nan")),
             row.get("val/loss", float("nan")), row.get("val/acc", float("nan")),
             row.get("val/macro_f1", float("nan")), row["epoch_time_s"],
         )
@@ -101,7 +125,7 @@ class BestWeightsSaver(L.Callback):
         metrics = trainer.callback_metrics
         score = (_scalar(metrics[VAL_MACRO_F1]), _scalar(metrics[VAL_ACC]))
         if score > self.best_score:
-            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self.best_score, self.best_epoch = score, epoch_number(trainer)
             if not trainer.is_global_zero:  # every process tracks the score; only the first writes
                 return
             save_weights(pl_module.model, self.directory / BEST_WEIGHTS)
@@ -110,7 +134,7 @@ class BestWeightsSaver(L.Callback):
                 {
                     **self.metadata,
                     "stage": self.stage,
-                    "epoch": trainer.current_epoch,
+                    "epoch": epoch_number(trainer),
                     VAL_MACRO_F1: score[0],
                     VAL_ACC: score[1],
                 },

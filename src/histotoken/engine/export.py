@@ -5,7 +5,9 @@ was trained with it), writes the model to ``RUN_DIR/export/<format>/`` (or ``out
 it: the exported model and the PyTorch model score the same batch (the run's test images, or
 seeded random images when the data is absent) and the maximum absolute difference of the logits
 must stay within ``tolerance``. A second, one-image batch checks that the batch axis is dynamic.
-An export that fails the check raises and leaves no model file behind.
+``out_dir`` may also name the model file itself (``model.onnx``; ``.pt``/``.ts`` for TorchScript).
+The model is written under a temporary name, checked, and then renamed into place: an export that
+fails the check, a full disk or a kill leaves the previous export (if any) whole and no torn file.
 
 - ``onnx``: ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``) by default:
   on every family it exported in 1-3 s per tiny model, while the dynamo exporter took 6-57 s and
@@ -30,8 +32,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import glob
 import logging
+import os
 import re
+import shutil
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,23 +210,26 @@ def _serialisable(kwargs: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading back
 
 
-def run_exported(fmt: str, out_dir: Path, images: torch.Tensor, info: ExportInfo) -> torch.Tensor:
-    """Logits of the exported model in ``out_dir`` for normalised float images (N, 3, S, S)."""
+def run_exported(fmt: str, location: Path, images: torch.Tensor, info: ExportInfo) -> torch.Tensor:
+    """Logits of an exported model for normalised float images (N, 3, S, S).
+
+    ``location`` is the model file for ``onnx`` and ``torchscript``, the folder for ``timm``.
+    """
     if fmt == "onnx":
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 4  # failures come back as exceptions, reported by export_model
-        session = onnxruntime.InferenceSession(str(out_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(location), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0]).float()
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation note
-            module = torch.jit.load(str(out_dir / TORCHSCRIPT_FILE), map_location="cpu").eval()
+            module = torch.jit.load(str(location), map_location="cpu").eval()
         with torch.no_grad():
             return module(images).float()
-    model = load_timm_export(out_dir)
+    model = load_timm_export(location)
     with torch.no_grad():
         return model(images).float()
 
@@ -249,10 +258,46 @@ def load_timm_export(out_dir: Path) -> nn.Module:
 # --------------------------------------------------------------------------- export + check
 
 
+# a name with one of these suffixes is the model file itself; any other name is a folder
+FILE_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTarget:
+    """Where an export goes: the folder, the model file (the folder itself for timm) and the manifest."""
+
+    out_dir: Path
+    model_file: Path
+    manifest: Path
+
+
+def export_target(fmt: str, out: str | Path) -> ExportTarget:
+    """``out`` read as the model file when its suffix is the format's (``model.onnx``), else as a folder.
+
+    In a folder the model gets its standard name (``model.onnx``, ``model.torchscript.pt``, timm's
+    ``config.json`` + ``model.safetensors``) and the manifest is ``export.json``; beside a named file
+    the manifest is named after it (``model.onnx`` -> ``model.export.json``).
+    """
+    out = Path(out)
+    suffix = out.suffix.lower()
+    for other, suffixes in FILE_SUFFIXES.items():
+        if suffix in suffixes and other != fmt:
+            hint = f"a name ending {' or '.join(FILE_SUFFIXES[fmt])}" if fmt in FILE_SUFFIXES else "a folder name"
+            raise ValueError(f"--out {out} names a {other} file but the format is {fmt}; give --format {other}, or {hint}")
+    if fmt == "timm" and suffix == ".safetensors":
+        raise ValueError(f"--out {out}: a timm export is a folder (config.json + model.safetensors); give a folder name")
+    if suffix in FILE_SUFFIXES.get(fmt, ()):
+        return ExportTarget(out.parent, out, out.with_name(f"{out.stem}.{EXPORT_MANIFEST}"))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; remove it or give another --out")
+    model_file = {"onnx": out / ONNX_FILE, "torchscript": out / TORCHSCRIPT_FILE}.get(fmt, out / TIMM_WEIGHTS_FILE)
+    return ExportTarget(out, model_file, out / EXPORT_MANIFEST)
+
+
 def export_model(
     model: nn.Module,
     fmt: str,
-    out_dir: str | Path,
+    out: str | Path,
     info: ExportInfo,
     check_images: torch.Tensor,
     *,
@@ -260,55 +305,93 @@ def export_model(
     tolerance: float = DEFAULT_TOLERANCE,
     onnx_exporter: str = "torchscript",
 ) -> ExportResult:
-    """Export ``model`` (eval mode, fp32, CPU) to ``out_dir`` and check it against PyTorch.
+    """Export ``model`` (eval mode, fp32, CPU) to ``out`` and check it against PyTorch.
 
-    ``check_images`` are uint8 (N, 3, S, S) images at the model's input size; they are normalised
-    with ``info.mean``/``info.std`` as the exported model expects its input.
+    ``out`` is a folder, or the model file itself when its suffix is the format's (see
+    :func:`export_target`). ``check_images`` are uint8 (N, 3, S, S) images at the model's input size;
+    they are normalised with ``info.mean``/``info.std`` as the exported model expects its input.
+
+    The model is written under a temporary name beside its target, checked there, and only then
+    renamed into place, after the old manifest is removed: a failed check, a full disk or a kill at
+    any moment leaves either the previous export whole or a model without a manifest, never a torn
+    file beside a manifest that records a passed check.
     Raises :class:`ExportError` naming the operator when the exporter fails, and when the exported
-    logits differ from PyTorch's by more than ``tolerance`` (the file is then removed).
+    logits differ from PyTorch's by more than ``tolerance``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    target = export_target(fmt, out)
+    if target.model_file.is_dir():
+        raise ValueError(f"{target.model_file} is a folder; remove it or give another --out")
+    target.out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target.out_dir, target.model_file.name)
     model = model.float().cpu().eval()
     images = normalise(check_images, info.mean, info.std)  # (N, 3, S, S) float32
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.repeat(EXAMPLE_BATCH, 1, 1, 1)
-    model_file = {"onnx": out_dir / ONNX_FILE, "torchscript": out_dir / TORCHSCRIPT_FILE}.get(
-        fmt, out_dir / TIMM_WEIGHTS_FILE
-    )
+    # the temporary: a file beside the model file, or (timm) a folder inside the target folder
+    temporary = target.out_dir / f".{target.model_file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     method = {"onnx": f"torch.onnx.export ({onnx_exporter} exporter)", "torchscript": "torch.jit",
               "timm": "timm save_for_hf"}[fmt]
     try:
-        if fmt == "onnx":
-            method = export_onnx(model, model_file, example, onnx_exporter)
-        elif fmt == "torchscript":
-            method = export_torchscript(model, model_file, example)
-        else:
-            method = export_timm(model, out_dir, info)
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001  (exporters raise many types; all become one clear error)
-        model_file.unlink(missing_ok=True)
-        raise _export_failure(error, fmt, info.model_name, method) from error
+        try:
+            if fmt == "onnx":
+                method = export_onnx(model, temporary, example, onnx_exporter)
+            elif fmt == "torchscript":
+                method = export_torchscript(model, temporary, example)
+            else:
+                temporary.mkdir()
+                method = export_timm(model, temporary, info)
+        except ExportError:
+            raise
+        except Exception as error:  # noqa: BLE001  (exporters raise many types; all become one clear error)
+            raise _export_failure(error, fmt, info.model_name, method) from error
 
-    try:
-        with _without_token_merging(model) if fmt == "timm" else contextlib.nullcontext():
-            max_diff = max(_max_abs_diff(model, fmt, out_dir, batch, info) for batch in (images, images[:1]))
-    except Exception as error:  # noqa: BLE001  (a model that exports but does not run is a failed export)
-        _remove_export(out_dir, fmt)
-        raise _export_failure(error, fmt, info.model_name, method, running=True) from error
-    if not max_diff <= tolerance:
-        _remove_export(out_dir, fmt)
-        raise ExportError(
-            f"the {fmt} export of {info.model_name} does not reproduce PyTorch: max |logit difference| "
-            f"{max_diff:.3g} > tolerance {tolerance:g} on {len(images)} {check_source} (method {method}); "
-            "no file was kept. Report this model and format."
-        )
-    manifest = out_dir / EXPORT_MANIFEST
-    atomic_write_json(manifest, _manifest(fmt, model_file, info, method, max_diff, tolerance, len(images), check_source))
-    logger.info("exported %s to %s (max |logit difference| %.2e)", info.model_name, model_file, max_diff)
-    return ExportResult(fmt, out_dir, model_file, manifest, max_diff, len(images), check_source, method)
+        try:
+            with _without_token_merging(model) if fmt == "timm" else contextlib.nullcontext():
+                max_diff = max(_max_abs_diff(model, fmt, temporary, batch, info) for batch in (images, images[:1]))
+        except Exception as error:  # noqa: BLE001  (a model that exports but does not run is a failed export)
+            raise _export_failure(error, fmt, info.model_name, method, running=True) from error
+        if not max_diff <= tolerance:
+            raise ExportError(
+                f"the {fmt} export of {info.model_name} does not reproduce PyTorch: max |logit difference| "
+                f"{max_diff:.3g} > tolerance {tolerance:g} on {len(images)} {check_source} (method {method}); "
+                "nothing was written (a previous export there is unchanged). Report this model and format."
+            )
+        target.manifest.unlink(missing_ok=True)  # from here until the new manifest: a model without a manifest
+        if fmt == "timm":
+            for name in (TIMM_WEIGHTS_FILE, TIMM_CONFIG_FILE):
+                os.replace(temporary / name, target.out_dir / name)
+        else:
+            os.replace(temporary, target.model_file)
+    finally:
+        _remove_path(temporary)
+    atomic_write_json(
+        target.manifest, _manifest(fmt, target.model_file, info, method, max_diff, tolerance, len(images), check_source)
+    )
+    logger.info("exported %s to %s (max |logit difference| %.2e)", info.model_name, target.model_file, max_diff)
+    return ExportResult(fmt, target.out_dir, target.model_file, target.manifest, max_diff, len(images), check_source, method)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Temporaries of exports of ``name`` whose process died (``.NAME.PID.HEX.tmp``); a live process's are kept."""
+    for path in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        parts = path.name.split(".")
+        if len(parts) < 5 or not parts[-3].isdigit():
+            continue
+        pid = int(parts[-3])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _remove_path(path)
+        except OSError:
+            continue  # alive, under another user
 
 
 @contextlib.contextmanager
@@ -334,22 +417,16 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() / 255.0 - mean_t) / std_t
 
 
-def _max_abs_diff(model: nn.Module, fmt: str, out_dir: Path, images: torch.Tensor, info: ExportInfo) -> float:
+def _max_abs_diff(model: nn.Module, fmt: str, location: Path, images: torch.Tensor, info: ExportInfo) -> float:
     with torch.no_grad():
         expected = model(images).float()
-    exported = run_exported(fmt, out_dir, images, info)
+    exported = run_exported(fmt, location, images, info)
     if exported.shape != expected.shape:
         raise ExportError(
             f"the {fmt} export of {info.model_name} gives logits of shape {tuple(exported.shape)} for a batch "
             f"of {len(images)}, PyTorch {tuple(expected.shape)}: its batch axis is not dynamic"
         )
     return float((exported - expected).abs().max())
-
-
-def _remove_export(out_dir: Path, fmt: str) -> None:
-    names = {"onnx": [ONNX_FILE], "torchscript": [TORCHSCRIPT_FILE], "timm": [TIMM_WEIGHTS_FILE, TIMM_CONFIG_FILE]}[fmt]
-    for name in [*names, EXPORT_MANIFEST]:
-        (out_dir / name).unlink(missing_ok=True)
 
 
 def _manifest(
@@ -411,7 +488,11 @@ def export_run(
     onnx_exporter: str = "torchscript",
     seed: int = 0,
 ) -> ExportResult:
-    """Export the best weights of ``run_dir`` to ``fmt`` (default folder RUN_DIR/export/<fmt>/)."""
+    """Export the best weights of ``run_dir`` to ``fmt`` (default folder RUN_DIR/export/<fmt>/).
+
+    ``out_dir`` is a folder, or the model file itself when its suffix is the format's
+    (``model.onnx``; ``.pt``/``.ts`` for TorchScript): see :func:`export_target`.
+    """
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.evaluate import load_best_model
 
@@ -445,9 +526,13 @@ def export_run(
         },
     )
     target = Path(out_dir) if out_dir is not None else paths.export_dir(fmt)
-    return export_model(
-        model, fmt, target, info, images, check_source=source, tolerance=tolerance, onnx_exporter=onnx_exporter
-    )
+    from histotoken.engine.run_lock import run_lock
+
+    inside_run = target.resolve().is_relative_to(paths.root.resolve())
+    with run_lock(paths.root, "export") if inside_run else contextlib.nullcontext():  # one writer per run folder
+        return export_model(
+            model, fmt, target, info, images, check_source=source, tolerance=tolerance, onnx_exporter=onnx_exporter
+        )
 
 
 def check_images_of_run(paths: RunPaths, img_size: int, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:

@@ -144,30 +144,45 @@ def train(
     if not config.data and not config.splits:
         raise ValueError("no data: give --data DATA_ROOT (the folder that holds BreaKHis_v1) or --splits FILE")
 
+    from histotoken.engine.run_lock import run_lock
+
     if is_global_zero():
         paths.root.mkdir(parents=True, exist_ok=True)
-        write_run_config(config, paths.config)
-        atomic_write_json(paths.environment, describe_environment(config.seed))
-    write_status(paths, state=STATE_RUNNING, error=None)
-    try:
-        result = _train(config, paths, L, progress_bar, extra_callbacks or [])
-    except (RunInterrupted, KeyboardInterrupt, SystemExit) as error:
-        # SIGTERM/SIGINT (RunInterrupted under the CLI), Ctrl-C in library use, or Lightning's own
-        # SIGTERM exception: the run stays resumable from last.ckpt.
-        write_status(paths, state=STATE_INTERRUPTED, error=f"{type(error).__name__}: {error}")
-        if isinstance(error, RunInterrupted):
+    with run_lock(paths.root, "train"):  # one writer per run folder: a second process is refused
+        if read_status(paths)["state"] == STATE_FINISHED:  # finished while we waited to look
+            return TrainResult(paths.root, True, read_json(paths.best_meta) if paths.best_meta.is_file() else {}, None)
+        if is_global_zero():
+            paths.root.mkdir(parents=True, exist_ok=True)
+            write_run_config(config, paths.config)
+            atomic_write_json(paths.environment, describe_environment(config.seed))
+        write_status(paths, state=STATE_RUNNING, error=None)
+        try:
+            result = _train(config, paths, L, progress_bar, extra_callbacks or [])
+        except (RunInterrupted, KeyboardInterrupt, SystemExit) as error:
+            # SIGTERM/SIGINT (RunInterrupted under the CLI), Ctrl-C in library use, or Lightning's own
+            # SIGTERM exception: the run stays resumable from last.ckpt.
+            _record_end(paths, STATE_INTERRUPTED, error)
+            if isinstance(error, RunInterrupted):
+                raise
+            raise RunInterrupted(signal.SIGTERM if type(error).__name__ == "SIGTERMException" else signal.SIGINT) from error
+        except BaseException as error:
+            _record_end(paths, STATE_FAILED, error)
             raise
-        raise RunInterrupted(signal.SIGTERM if type(error).__name__ == "SIGTERMException" else signal.SIGINT) from error
-    except BaseException as error:
-        write_status(paths, state=STATE_FAILED, error=f"{type(error).__name__}: {error}")
-        raise
-    write_status(paths, state=STATE_FINISHED, error=None, best_epoch=result.best.get("epoch"))
-    return result
+        write_status(paths, state=STATE_FINISHED, error=None, best_epoch=result.best.get("epoch"))
+        return result
+
+
+def _record_end(paths: RunPaths, state: str, error: BaseException) -> None:
+    """Mark the run ``state``; if even that write fails (full disk), say so rather than hide the first error."""
+    try:
+        write_status(paths, state=state, error=f"{type(error).__name__}: {error}")
+    except OSError as write_error:
+        logger.error("could not record %s in %s (%s); it may still say running", state, paths.status, write_error)
 
 
 def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, extra_callbacks: list) -> TrainResult:
     from histotoken.data.dataset import ImageStore
-    from histotoken.data.sources import task_classes
+    from histotoken.data.sources import resolve_kind, task_classes
     from histotoken.data.transforms import model_normalisation
     from histotoken.engine.inference import resolve_accelerator
     from histotoken.engine.precision import resolve_precision
@@ -207,6 +222,7 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
         "model_name": spec.name, "model_kwargs": spec.kwargs_dict, "num_classes": len(names),
         "class_names": list(names), "class_column": column, "task": config.task, "img_size": config.img_size,
         "train_domain": domain, "merge_r": config.merge_r, "precision": precision,
+        "data_format": resolve_kind(config.data or None, config.data_format, split),  # the detected source
     }
     num_stages = int(getattr(model, "num_stages", 1))
     plan = stage_plan(config, num_stages)
@@ -313,9 +329,10 @@ def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accele
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-    from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter
+    from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter, EpochProgressBar
 
     callbacks = [
+        *([EpochProgressBar()] if show_bar else []),
         ModelCheckpoint(
             dirpath=paths.checkpoints, filename=paths.last_ckpt.stem, save_top_k=1, monitor=None,
             enable_version_counter=False,
@@ -326,6 +343,9 @@ def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accele
     if final_stage:
         callbacks.append(BestWeightsSaver(paths.checkpoints, metadata, stage))
         callbacks.append(EarlyStopping(monitor=VAL_MACRO_F1, mode="max", patience=config.early_stopping_patience))
+    from histotoken.engine.inference import route_lightning_logging
+
+    route_lightning_logging()
     return L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,

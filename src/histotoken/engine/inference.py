@@ -110,6 +110,24 @@ def resolve_accelerator(accelerator: str = "auto") -> str:
     return accelerator
 
 
+def route_lightning_logging() -> None:
+    """Lightning's log records go through the application's handlers only, when it has configured any.
+
+    On import, the ``lightning`` package adds its own console handler to the ``lightning`` logger,
+    which also propagates to the root logger: under an application that configured logging (the
+    command line does), every Lightning message ("GPU available: ...") was printed twice, and once
+    more for every Trainer. Called before each Trainer is built; does nothing when the root logger
+    has no handlers (Lightning's own handler is then the only one).
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_logger = logging.getLogger(name)
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
+
+
 def make_trainer(
     accelerator: str = "auto",
     devices: int | str = 1,
@@ -118,6 +136,7 @@ def make_trainer(
     **options: Any,
 ) -> L.Trainer:
     """A quiet Trainer for inference (no logger, no checkpoints, no progress bar unless asked)."""
+    route_lightning_logging()
     return L.Trainer(
         accelerator=resolve_accelerator(accelerator),
         devices=devices,

@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from histotoken.data.decode import IMAGE_SUFFIXES  # every format the shared decoder reads
 from histotoken.formats import PREDICT_COLUMNS, PREDICT_ERROR_COLUMN, PROBABILITY_PREFIX
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs")  # always slides; .tif/.tiff only when OpenSlide sees a pyramid
 DIHEDRAL_VIEWS = tuple((quarter_turns, flip) for flip in (False, True) for quarter_turns in range(4))
 CHUNK_IMAGES = 1024  # images decoded and scored at a time (bounds memory on large folders)
@@ -108,22 +108,27 @@ def predict_slides_dispatch(run_dir: Path, slides: Sequence[Path], out_dir: Path
 
 
 class _ViewDataset(Dataset):
-    """(image, 0) pairs of uint8 images, each turned ``quarter_turns`` x 90 degrees and optionally flipped."""
+    """(view, 0) pairs: every image in each of ``views``, image-major (item ``i * V + v`` is view ``v`` of image ``i``).
 
-    def __init__(self, images: torch.Tensor, quarter_turns: int = 0, flip: bool = False) -> None:
+    A view is ``(quarter_turns, flip)``: the image flipped horizontally (when ``flip``), then turned
+    ``quarter_turns`` x 90 degrees. All views go through one prediction pass (one Trainer, one loader).
+    """
+
+    def __init__(self, images: torch.Tensor, views: Sequence[tuple[int, bool]] = DIHEDRAL_VIEWS[:1]) -> None:
         self.images = images
-        self.quarter_turns = quarter_turns
-        self.flip = flip
+        self.views = tuple(views)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) * len(self.views)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]  # (3, S, S)
-        if self.flip:
+        image_index, view_index = divmod(index, len(self.views))
+        quarter_turns, flip = self.views[view_index]
+        image = self.images[image_index]  # (3, S, S)
+        if flip:
             image = image.flip(-1)
-        if self.quarter_turns:
-            image = torch.rot90(image, self.quarter_turns, dims=(-2, -1))
+        if quarter_turns:
+            image = torch.rot90(image, quarter_turns, dims=(-2, -1))
         return image, 0
 
 
@@ -131,16 +136,16 @@ def dihedral_probabilities(
     model: torch.nn.Module, images: torch.Tensor, *, tta: bool, mean: Sequence[float], std: Sequence[float],
     **inference: Any,
 ) -> torch.Tensor:
-    """(N, C) softmax probabilities of uint8 (N, 3, S, S) images; with ``tta`` the mean over 8 dihedral views."""
+    """(N, C) softmax probabilities of uint8 (N, 3, S, S) images; with ``tta`` the mean over 8 dihedral views.
+
+    One prediction pass scores every view of every image (N x 8 items).
+    """
     from histotoken.engine.inference import predict_logits
 
     views = DIHEDRAL_VIEWS if tta else DIHEDRAL_VIEWS[:1]
-    total = None
-    for quarter_turns, flip in views:
-        logits = predict_logits(model, _ViewDataset(images, quarter_turns, flip), mean=mean, std=std, **inference)
-        probabilities = torch.softmax(logits.float(), dim=1)  # (N, C)
-        total = probabilities if total is None else total + probabilities
-    return total / len(views)
+    logits = predict_logits(model, _ViewDataset(images, views), mean=mean, std=std, **inference)  # (N * V, C)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    return probabilities.view(len(images), len(views), -1).mean(dim=1)  # (N, V, C) -> (N, C)
 
 
 def inference_settings(run_dir: Path, img_size: int, accelerator: str | None = None) -> dict[str, Any]:
