@@ -128,3 +128,14 @@ def test_a_probe_run_evaluated_on_another_magnification_refits_the_same_probe(li
     assert evaluation["domain"] == "400" and evaluation["train_domain"] == "100"
     assert evaluation["accuracy"] == pytest.approx(accuracy_score(y_test, expected))
     assert json.loads((run / "eval" / "400.json").read_text())["n_images"] == len(y_test)
+
+
+def test_evaluate_command_on_a_probe_run_refits_the_probe_instead_of_loading_weights(linear_run, capsys):
+    run, _ = linear_run
+    assert main(["evaluate", str(run), "--domain", "400", "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "400: macro-F1" in printed
+    recorded = json.loads((run / "eval" / "400.json").read_text())
+    assert recorded["probe"]["kind"] == "linear" and recorded["checkpoint"] is None
+    assert main(["evaluate", str(run), "--domain", "400", "--merge-r", "2"]) == 2
+    assert "linear-probe run" in capsys.readouterr().err

@@ -41,9 +41,18 @@ def run(args) -> int:
     from histotoken.engine.evaluate import eval_path, evaluate_run
     from histotoken.engine.run_lock import run_lock
 
+    probe = _is_probe_run(Path(args.run_dir))
+    if probe and (args.merge_r or args.data):
+        raise ValueError(f"{args.run_dir} is a linear-probe run (train --probe): --merge-r and --data do not apply; "
+                         "run `histotoken embed` on the other data and train a probe on it instead")
     for domain in args.domain:
         with run_lock(args.run_dir, "evaluate"):  # one writer per run folder
-            result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
+            if probe:  # refits the probe on its cached features (seconds), then tests it
+                from histotoken.features.probe import evaluate_probe
+
+                result = evaluate_probe(args.run_dir, domain, args.bootstrap)
+            else:
+                result = evaluate_run(args.run_dir, domain, args.data, args.batch_size, args.bootstrap, args.merge_r)
         interval = ""
         if result["ci95"]:
             lo, hi = result["ci95"]["macro_f1"]
@@ -57,3 +66,14 @@ def run(args) -> int:
             print(f"  NOTE: {note}")
         print(f"written to {eval_path(Path(args.run_dir), domain, args.merge_r, result['trained_merge_r'])}")
     return 0
+
+
+def _is_probe_run(run_dir) -> bool:
+    """Whether the run's config.yaml records a probe on frozen features (``train --probe``)."""
+    import yaml
+
+    from histotoken.formats import RunPaths
+
+    config = RunPaths(run_dir).config
+    recorded = yaml.safe_load(config.read_text()) if config.is_file() else None
+    return isinstance(recorded, dict) and bool(recorded.get("probe"))
