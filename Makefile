@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-extra lint bench clean
 
 install: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## synthetic BreakHis -> model grid -> report.html
 	$(BIN)/histotoken demo --out $(DEMO_OUT)
 
-test: $(STAMP)  ## the whole test suite (CPU, tiny images and models), in two processes of one thread each
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+test: $(STAMP)  ## the test suite (CPU, tiny images and models), in two processes of one thread each
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timm_suite and not inductor"
+
+test-extra: $(STAMP)  ## slow checks CI also runs: timm's own model tests on our families, torch.compile (inductor)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "timm_suite or inductor"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -5,7 +5,8 @@ placements at every ``r``:
 
 - throughput (images/s at ``--batch-size``) and GFLOPs, measured by ``histotoken.engine.benchmark``
   in one process, interleaved (every round visits every variant once; medians over rounds);
-- tokens seen by the last block;
+- tokens seen by each block (an r schedule with ``--inflection``, ToMe's ``parse_r``: -1 merges
+  2r in the first block down to 0 in the last; the default 0 merges r in every block);
 - agreement: the % of images on which the merged model's predicted class (argmax) equals the
   unmerged model's, and the largest logit difference.
 
@@ -17,6 +18,7 @@ is then still done at the run's image size with the same architecture.
     python benchmarks/token_merging_placement.py                       # deit_small, r 8 and 13, 224 px
     python benchmarks/token_merging_placement.py --run runs/deit_s_40x --rounds 5
     python benchmarks/token_merging_placement.py --img-size 64 --rounds 1 --batch-size 4   # smoke test
+    python benchmarks/token_merging_placement.py --inflection -1                       # decreasing schedule
 
 Run it on an otherwise idle machine; ratios within one table are what to compare.
 """
@@ -33,6 +35,7 @@ import torch
 
 from histotoken.engine.benchmark import benchmark_models
 from histotoken.models.factory import ModelSpec, create_model
+from histotoken.models.records import record_tokens
 from histotoken.models.token_merging import MODES, apply_token_merging
 
 logger = logging.getLogger("token_merging_placement")
@@ -43,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT/DeiT name (ignored with --run)")
     parser.add_argument("--run", type=Path, default=None, help="a training run folder: use its best weights and test images")
     parser.add_argument("--r", type=int, nargs="+", default=[8, 13], help="tokens merged per block (default: 8 13)")
+    parser.add_argument(
+        "--inflection", type=float, default=0.0,
+        help="r schedule (ToMe's parse_r): -1 decreasing from 2r to 0, +1 increasing, 0 constant (default: 0)",
+    )
     parser.add_argument("--img-size", type=int, default=224, help="image side in pixels (default: 224; a run's own size with --run)")
     parser.add_argument("--batch-size", type=int, default=32, help="throughput batch size (default: 32)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: 5)")
@@ -53,13 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def variant_specs(name: str, rs: list[int], extra: dict) -> list[tuple[str, ModelSpec]]:
+def variant_specs(name: str, rs: list[int], extra: dict, inflection: float = 0.0) -> list[tuple[str, ModelSpec]]:
     """(label, spec) for the unmerged model and each placement at each r, interleaving r."""
     base = dict(extra)
     variants = [("unmerged", ModelSpec(name, tuple(sorted(base.items()))))]
     for r in rs:
         for mode in MODES:
             kwargs = dict(base, merge_r=r, merge_mode=mode)
+            if inflection:
+                kwargs["merge_inflection"] = inflection
             variants.append((f"{mode} r={r}", ModelSpec(name, tuple(sorted(kwargs.items())))))
     return variants
 
@@ -95,18 +104,19 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> to
 
 
 def agreement(
-    base: torch.nn.Module, images: torch.Tensor, rs: list[int], batch_size: int
-) -> dict[str, tuple[float, float, int]]:
-    """label -> (% same argmax as unmerged, max |logit difference|, tokens in the last block)."""
+    base: torch.nn.Module, images: torch.Tensor, rs: list[int], batch_size: int, inflection: float = 0.0
+) -> dict[str, tuple[float, float, list[int]]]:
+    """label -> (% same argmax as unmerged, max |logit difference|, tokens each block saw)."""
     base = base.eval()
     expected = predict(base, images, batch_size)
     result = {}
     for r in rs:
         for mode in MODES:
-            merged = apply_token_merging(copy.deepcopy(base), r, mode=mode)
-            logits = predict(merged, images, batch_size)
+            merged = apply_token_merging(copy.deepcopy(base), r, mode=mode, inflection=inflection)
+            with record_tokens(merged) as record:
+                logits = predict(merged, images, batch_size)
             same = (logits.argmax(dim=1) == expected.argmax(dim=1)).float().mean().item() * 100
-            result[f"{mode} r={r}"] = (same, (logits - expected).abs().max().item(), merged.tokens_per_block[-1])
+            result[f"{mode} r={r}"] = (same, (logits - expected).abs().max().item(), record.tokens_per_block)
     return result
 
 
@@ -139,22 +149,23 @@ def main(argv: list[str] | None = None) -> int:
         source = f"{len(images)} smooth random images (random weights)"
 
     rs = fitting_r(args.r, int(base.patch_embed.num_patches))
-    scores = agreement(base, images, rs, args.batch_size)
-    variants = variant_specs(name, rs, extra)
+    scores = agreement(base, images, rs, args.batch_size, args.inflection)
+    variants = variant_specs(name, rs, extra, args.inflection)
     rows = benchmark_models(
         [spec for _, spec in variants], img_size=img_size, batch_size=args.batch_size,
         num_classes=num_classes, rounds=args.rounds, device=args.device,
     )
 
-    print(f"\n{name} at {img_size} px, batch {args.batch_size}, {args.rounds} interleaved rounds; agreement on {source}")
-    header = f"{'variant':<22} {'img/s':>8} {'x unmerged':>10} {'GFLOPs':>7} {'last-block tokens':>18} {'same argmax %':>14} {'max |dlogit|':>12}"
+    schedule = f", r schedule inflection {args.inflection:g}" if args.inflection else ""
+    print(f"\n{name} at {img_size} px, batch {args.batch_size}, {args.rounds} interleaved rounds{schedule}; agreement on {source}")
+    header = f"{'variant':<22} {'img/s':>8} {'x unmerged':>10} {'GFLOPs':>7} {'same argmax %':>14} {'max |dlogit|':>12}  tokens per block"
     print(header)
     print("-" * len(header))
     for (label, _), row in zip(variants, rows):
-        same, diff, tokens = scores.get(label, (100.0, 0.0, row["tokens_per_block"][-1] if row["tokens_per_block"] else 0))
+        same, diff, tokens = scores.get(label, (100.0, 0.0, row["tokens_per_block"]))
         print(
             f"{label:<22} {row['throughput_img_s']:>8.1f} {row['throughput_ratio']:>10.2f} {row['gflops']:>7.2f} "
-            f"{tokens:>18d} {same:>14.1f} {diff:>12.3g}"
+            f"{same:>14.1f} {diff:>12.3g}  {' '.join(str(count) for count in tokens)}"
         )
     return 0
 

@@ -132,6 +132,42 @@ def test_rollout_through_merges_equals_plain_rollout_without_merging():
     assert_valid_maps(merged, 2)
 
 
+def test_source_tracing_is_a_flag_and_leaves_the_module_functions_untouched():
+    import histotoken.layers.token_merging as layers_module
+    import histotoken.models.token_merging as merging_module
+
+    functions = {name: value for name, value in vars(merging_module).items() if callable(value)}
+    model = apply_token_merging(tiny_vit(depth=2), 3)
+    seen = []
+    model.blocks[0].register_forward_hook(
+        lambda *_: seen.append((merging_module.bipartite_soft_matching, model._token_merging.trace_sources))
+    )
+    merge_sources(model, images())
+    assert seen == [(layers_module.bipartite_soft_matching, True)]  # traced by the flag, not a replaced function
+    assert {name: value for name, value in vars(merging_module).items() if callable(value)} == functions
+    assert model._token_merging.trace_sources is False  # off again after the pass
+
+
+def test_traced_sources_of_hand_built_merges():
+    from histotoken.models.token_merging import _MergeState
+
+    # class token + 4 patch tokens; A = positions 2, 4 and B = positions 1, 3 (patch p is position p + 1).
+    # Merge 1 (r = 1, on the tokens): token 2 ~ token 1 (cosine 0.995) beats token 4 ~ token 3 (0.98),
+    # so 2 joins 1 -> [cls, t4, t1+t2, t3]. Merge 2: A = {t1+t2}, B = {t4, t3}; t1+t2 = (1, 0.05) is
+    # closer to t4 = (0.2, 1) (0.245) than to t3 = (0, 1) (0.05) -> [cls, t4+t1+t2, t3].
+    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0]]])
+    state = _MergeState(nn.Module(), [1, 1], "tokens", proportional_attention=False, in_training=False)
+    state.trace_sources = True
+    state.start()
+    x = state.merge(x, 0)
+    first = state.traced_sources()
+    x = state.merge(x, 1)
+    expected_first = [[0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0]]
+    assert first[0].long().tolist() == expected_first
+    assert state.traced_sources()[0].long().tolist() == [[0, 0, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]]
+    assert x.shape == (1, 3, 2)
+
+
 def test_merge_sources_without_merging_are_the_identity():
     sources = merge_sources(tiny_vit(), images())
     assert torch.equal(sources[:, 1:], torch.eye(16, dtype=torch.bool).expand(2, 16, 16))

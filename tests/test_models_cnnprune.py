@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import histotoken  # noqa: F401  (registers the family)
 from histotoken.models import cnnprune_vit
+from histotoken.models.records import record_tokens
 
 IMG, PATCH = 64, 8  # 8 x 8 = 64 patches
 NUM_PATCHES = (IMG // PATCH) ** 2
@@ -29,18 +30,20 @@ def batch():
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5, 1.0])
 def test_blocks_see_the_kept_patches_plus_the_class_token(keep_ratio, batch):
     model = _model(keep_ratio).eval()
-    logits = model(batch[0])
+    with record_tokens(model) as record:
+        logits = model(batch[0])
     kept = round(keep_ratio * NUM_PATCHES)
     assert logits.shape == (4, 3)
-    assert model.tokens_per_block == [kept + 1] * 4
-    assert model.token_info["kept_indices"].shape == (4, kept)
-    assert model.token_info["scores"].shape == (4, NUM_PATCHES)
+    assert record.tokens_per_block == [kept + 1] * 4
+    assert record.token_info["kept_indices"].shape == (4, kept)
+    assert record.token_info["scores"].shape == (4, NUM_PATCHES)
 
 
 def test_inference_keeps_the_highest_scored_patches(batch):
     model = _model(0.25).eval()
-    model(batch[0])
-    scores, kept = model.token_info["scores"], model.token_info["kept_indices"]
+    with record_tokens(model) as record:
+        model(batch[0])
+    scores, kept = record.token_info["scores"], record.token_info["kept_indices"]
     for row in range(4):
         assert set(kept[row].tolist()) == set(scores[row].topk(kept.shape[1]).indices.tolist())
 
@@ -79,26 +82,39 @@ def test_compute_loss_combines_finite_parts(batch):
 @pytest.mark.parametrize(("keep_ratio", "kept"), [(0.25, 16), (0.3, 19), (1.0, 64)])
 def test_kept_fraction_is_the_share_of_patches_the_vit_read(keep_ratio, kept, batch):
     model = _model(keep_ratio).train()
-    logits = model(batch[0])
+    with record_tokens(model) as record:
+        logits = model(batch[0])
     _, parts = model.compute_loss(logits, batch[1], torch.nn.CrossEntropyLoss())
-    assert model.token_info["kept_indices"].shape[1] == kept
+    assert record.token_info["kept_indices"].shape[1] == kept
     assert parts["kept_fraction"].item() == pytest.approx(kept / NUM_PATCHES)
 
 
 def test_shifting_every_score_changes_the_budget_penalty_but_not_the_kept_tokens_or_logits(batch):
     model = _model(0.25).eval()
     criterion = torch.nn.CrossEntropyLoss()
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         logits = model(batch[0])
-        kept = model.token_info["kept_indices"].clone()
+        kept = record.token_info["kept_indices"].clone()
         _, parts = model.compute_loss(logits, batch[1], criterion)
         model.scorer.importance.bias += 3.0  # every score + 3: what the penalty pushes against
         shifted_logits = model(batch[0])
         _, shifted_parts = model.compute_loss(shifted_logits, batch[1], criterion)
-    assert torch.equal(model.token_info["kept_indices"], kept)
+    assert torch.equal(record.token_info["kept_indices"], kept)
     torch.testing.assert_close(shifted_logits, logits, rtol=1e-5, atol=1e-5)
     assert shifted_parts["kept_fraction"] == parts["kept_fraction"]
     assert shifted_parts["budget"] > parts["budget"] + 0.1
+
+
+def test_scorer_class_head_shapes_the_logits_through_the_class_token(batch):
+    model = _model().eval()
+    model(batch[0]).sum().backward()  # timm's backward test: every parameter gets a gradient from the logits
+    assert model.scorer.head.weight.grad is not None
+    with torch.no_grad():
+        torch.nn.init.normal_(model.evidence_proj.weight, std=0.5)  # zero at creation: a plain class token
+        before = model(batch[0])
+        model.scorer.head.weight.add_(1.0)
+        after = model(batch[0])
+    assert not torch.allclose(before, after, atol=1e-3)
 
 
 def test_stage_one_trains_the_scorer_only(batch):

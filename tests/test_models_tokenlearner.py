@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import histotoken  # noqa: F401  (registers our families)
+from histotoken.models.records import record_tokens
 
 SMALL_INPUT = dict(img_size=64, patch_size=8)
 
@@ -36,10 +37,10 @@ def forward_flops(model: torch.nn.Module) -> int:
 
 def test_vit_tiny_runs_half_its_blocks_on_eight_learned_tokens_plus_class_token():
     model = create("tokenlearner_vit_tiny")
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         features = model.forward_features(images())
     assert len(model.blocks) == 6
-    assert model.tokens_per_block == [65, 65, 65, 9, 9, 9]
+    assert record.tokens_per_block == [65, 65, 65, 9, 9, 9]
     assert features.shape == (2, 9, 192)
 
 
@@ -47,9 +48,9 @@ def test_vit_small_uses_vit_small_sizes_and_the_middle_block():
     model = create("tokenlearner_vit_small")
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (384, 12, 6)
     assert model.patch_embed.patch_size == (8, 8)  # the kwarg overrides the default 16
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         model(images())
-    assert model.tokens_per_block == [65] * 6 + [9] * 6
+    assert record.tokens_per_block == [65] * 6 + [9] * 6
 
 
 @pytest.mark.parametrize(
@@ -63,9 +64,9 @@ def test_vit_small_uses_vit_small_sizes_and_the_middle_block():
 )
 def test_vit_learner_position_and_token_count_follow_the_kwargs(learner_after, num_tokens, expected):
     model = create("tokenlearner_vit_tiny", learner_after=learner_after, num_tokens=num_tokens)
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         features = model.forward_features(images())
-    assert model.tokens_per_block == expected
+    assert record.tokens_per_block == expected
     assert features.shape[1] == num_tokens + 1  # learned tokens leave the network, even after the last block
 
 
@@ -77,9 +78,9 @@ def test_vit_learner_after_beyond_depth_is_refused():
 @pytest.mark.parametrize("learner", ["v11", "conv"])
 def test_vit_attention_maps_cover_the_patch_grid(learner):
     model = create("tokenlearner_vit_tiny", learner=learner)
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         model(images())
-    maps = model.token_info["attention_maps"]
+    maps = record.token_info["attention_maps"]
     assert maps.shape == (2, 8, 8, 8)
     assert not maps.requires_grad
     if learner == "v11":
@@ -106,9 +107,10 @@ def test_vit_with_learner_costs_less_than_without():
 
 def test_vit_fuse_returns_all_patch_positions_and_trains_the_fuser():
     model = create("tokenlearner_vit_tiny", fuse=True).train()
-    features = model.forward_features(images())
+    with record_tokens(model) as record:
+        features = model.forward_features(images())
     assert features.shape == (2, 65, 192)
-    assert model.tokens_per_block == [65, 65, 65, 9, 9, 9]
+    assert record.tokens_per_block == [65, 65, 65, 9, 9, 9]
     assert model.global_pool == "avg"
     model.forward_head(features).logsumexp(dim=1).sum().backward()
     for name, parameter in model.token_fuser.named_parameters():
@@ -136,11 +138,11 @@ def test_vit_avg_pool_uses_the_learned_tokens_not_the_class_token():
 
 def test_tokenmixer_transformer_sees_only_learned_tokens_plus_class_token():
     model = create("tokenmixer_tiny")
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         features = model.forward_features(images())
-    assert model.tokens_per_block == [9] * len(model.blocks)
+    assert record.tokens_per_block == [9] * len(model.blocks)
     assert features.shape == (2, 9, 192)
-    maps = model.token_info["attention_maps"]
+    maps = record.token_info["attention_maps"]
     assert maps.shape == (2, 8, 8, 8)  # 64 px / patch 8 -> 8 x 8 grid
     torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 8))
 
@@ -154,10 +156,10 @@ def test_tokenmixer_small_has_an_eight_block_encoder_on_a_14x14_grid_at_224():
 
 def test_tokenmixer_num_tokens_and_conv_learner_follow_the_kwargs():
     model = create("tokenmixer_tiny", num_tokens=4, learner="conv")
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         model(images())
-    assert model.tokens_per_block == [5] * len(model.blocks)
-    assert model.token_info["attention_maps"].shape == (2, 4, 8, 8)
+    assert record.tokens_per_block == [5] * len(model.blocks)
+    assert record.token_info["attention_maps"].shape == (2, 4, 8, 8)
 
 
 # --- pretrained initialisation from a local file -------------------------------------------------

@@ -57,7 +57,7 @@ def run(args) -> int:
     print(f"explained {result['n_images']} test images of {result['domain']} with "
           f"{', '.join(result['methods']) or 'no saliency method'} in {result['timing_s']['total']:.1f} s")
     for method, score in result["faithfulness"].items():
-        verdict = "NO BETTER THAN RANDOM" if score["no_better_than_random"] else "better than random"
+        verdict = score.get("verdict") or ("not resolved" if score["no_better_than_random"] else "better than random")
         print(f"  {method}: deletion AUC {score['deletion_auc']:.3f} (random {score['random_deletion_auc']:.3f}), "
               f"insertion AUC {score['insertion_auc']:.3f} (random {score['random_insertion_auc']:.3f}): {verdict}")
     print(f"figures and {EXPLAIN_SCORES} written to {out}")

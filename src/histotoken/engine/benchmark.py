@@ -17,9 +17,9 @@ What each figure means and how it is measured:
   count does not depend on which fused kernel a machine runs); element-wise work (norms,
   activations) is not.
 - ``tokens_per_block``: tokens each transformer block processed in that same forward pass,
-  class token included. Our families report it themselves (``model.tokens_per_block``); for
-  timm ViTs, Mixers and Swin it is read from the input shape of every block with forward
-  hooks (for a plain ViT: ``num_prefix_tokens + patch_embed.num_patches`` per block). Empty
+  class token included, read from the input shape of every block with forward hooks, for our
+  families and for timm ViTs, Mixers and Swin alike (for a plain ViT:
+  ``num_prefix_tokens + patch_embed.num_patches`` per block). Empty
   for CNNs. ``tokens_final`` is the number of tokens leaving the last block, i.e. entering
   the classifier head's pooling (empty for CNNs).
 - ``latency_ms_median`` / ``latency_ms_p90``: wall-clock time of single forward passes at
@@ -266,8 +266,9 @@ def _prepare(
 def count_flops_and_tokens(model: nn.Module, sample: torch.Tensor) -> tuple[float, list[int], int | None]:
     """One fp32 forward pass of ``sample`` (batch 1): GFLOPs per image, tokens per block, final tokens.
 
-    Token counts come from ``model.tokens_per_block`` when the model reports them, else from
-    forward hooks on its blocks (``model.blocks``, or ``model.layers[i].blocks`` for Swin).
+    Token counts come from forward hooks on the model's blocks (``model.blocks``, or
+    ``model.layers[i].blocks`` for Swin); forward itself records nothing (as in
+    :func:`histotoken.models.records.record_tokens`).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -281,10 +282,6 @@ def count_flops_and_tokens(model: nn.Module, sample: torch.Tensor) -> tuple[floa
     ):
         model(sample)
     gflops = counter.get_total_flops() / sample.shape[0] / 1e9
-    reported = [int(n) for n in (getattr(model, "tokens_per_block", None) or [])]
-    if reported:
-        final = probe.tokens_out if probe.tokens_in else None
-        return gflops, reported, final if final is not None else reported[-1]
     return gflops, probe.tokens_in, probe.tokens_out
 
 

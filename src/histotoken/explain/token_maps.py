@@ -1,4 +1,4 @@
-"""The explanations token-efficient models carry themselves, read from ``model.token_info``.
+"""The explanations token-efficient models carry themselves, recorded with ``record_tokens`` (``token_info``).
 
 - TokenLearner-ViT and TokenMixer: the S spatial maps with which the TokenLearner pooled the patch
   grid into S tokens (``token_info["attention_maps"]``, (B, S, gh, gw)); with the softmax learner each
@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from histotoken.explain.maps import normalise_maps
+from histotoken.models.records import record_tokens
 
 
 def _forward_info(model: nn.Module, images: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
+    with torch.no_grad(), record_tokens(model) as record:
         model(images)
-    info = dict(getattr(model, "token_info", {}) or {})
+    info = record.token_info
     if key not in info:
         raise ValueError(f"{type(model).__name__} recorded no {key!r} in token_info; it has no token maps")
     return info

@@ -3,70 +3,36 @@
 Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, section "Visualizations"
 (``trace_source``): every token carries a row over the input patches, and merging two tokens adds
 their rows. Here the rows ride along with the model's own merges, without changing how or where
-the model merges: while :func:`merge_sources` runs one forward pass, the matching function that
-:mod:`histotoken.models.token_merging` calls is wrapped so that each merge it returns also merges
-the source rows. A merge is a size-weighted average, so the rows are carried divided by their size
-(fractions) and multiplied back afterwards, which turns the average into the sum ToMe traces.
+the model merges: while :func:`merge_sources` runs one forward pass, the flag ``trace_sources`` is
+set on the model's merge state (:mod:`histotoken.models.token_merging`), whose merge then also
+merges the source rows. Nothing is replaced: the module's functions stay as they are. A merge is a
+size-weighted average, so the rows are carried divided by their size (fractions) and multiplied
+back afterwards, which turns the average into the sum ToMe traces.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-import histotoken.models.token_merging as token_merging_module
-
-
-class _SourceTracker:
-    def __init__(self, num_prefix_tokens: int, num_patches: int) -> None:
-        self.num_prefix_tokens = num_prefix_tokens
-        self.num_patches = num_patches
-        self.fractions: torch.Tensor | None = None  # (B, T, P): source rows divided by token size
-        self.size: torch.Tensor | None = None  # (B, T, 1)
-
-    def start(self, x: torch.Tensor) -> None:
-        batch, tokens = x.shape[:2]
-        p = self.num_prefix_tokens
-        fractions = torch.zeros(batch, tokens, self.num_patches, dtype=torch.float64, device=x.device)
-        fractions[:, p:] = torch.eye(self.num_patches, dtype=torch.float64, device=x.device)
-        self.fractions = fractions
-        self.size = torch.ones(batch, tokens, 1, dtype=torch.float64, device=x.device)
-
-    def wrap(self, matcher, events: list | None = None):
-        """``matcher`` whose merges also merge the source rows (and are appended to ``events``, if given)."""
-
-        def matching(metric: torch.Tensor, r: int, num_prefix_tokens: int = 1):
-            merge = matcher(metric, r, num_prefix_tokens)
-
-            def merge_with_sources(x: torch.Tensor, size: torch.Tensor | None = None):
-                if size is None or self.fractions is None or self.fractions.shape[1] != x.shape[1]:
-                    self.start(x)  # first merge of a forward pass: every patch token is its own source
-                if events is not None:
-                    events.append(("merge", merge, self.size))
-                self.fractions, self.size = merge(self.fractions, self.size)
-                return merge(x, size)
-
-            return merge_with_sources
-
-        return matching
-
-    @property
-    def sources(self) -> torch.Tensor:
-        return (self.fractions * self.size).round().to(torch.bool)  # (B, T, P)
-
 
 @contextlib.contextmanager
-def _tracking(model: nn.Module, events: list | None = None) -> Iterator[_SourceTracker]:
-    tracker = _SourceTracker(int(getattr(model, "num_prefix_tokens", 1)), int(model.patch_embed.num_patches))
-    original = token_merging_module.bipartite_soft_matching
-    token_merging_module.bipartite_soft_matching = tracker.wrap(original, events)
+def _tracking(model: nn.Module, events: list | None = None) -> Iterator[Any]:
+    """Set the merge state's source-tracing flag for the block (``None``: the model does not merge)."""
+    state = getattr(model, "_token_merging", None)
+    if state is None:
+        yield None
+        return
+    state.trace_sources, state.trace_events = True, events
+    state.sources, state.source_size = None, None
     try:
-        yield tracker
+        yield state
     finally:
-        token_merging_module.bipartite_soft_matching = original
+        state.trace_sources, state.trace_events = False, None
 
 
 def merge_sources(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -75,15 +41,17 @@ def merge_sources(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Prefix tokens (class token) hold no patch; every patch belongs to exactly one token. A model
     without token merging gives the identity (every patch its own token).
     """
-    with torch.no_grad(), _tracking(model) as tracker:
+    with torch.no_grad(), _tracking(model) as state:
         model(images)
     num_patches = int(model.patch_embed.num_patches)
-    if tracker.fractions is None:  # nothing merged
-        p = tracker.num_prefix_tokens
+    sources = None if state is None else state.traced_sources()
+    if sources is None:  # nothing merged
+        p = int(getattr(model, "num_prefix_tokens", 1))
         identity = torch.zeros(images.shape[0], p + num_patches, num_patches, dtype=torch.bool)
         identity[:, p:] = torch.eye(num_patches, dtype=torch.bool)
         return identity
-    return tracker.sources.cpu()
+    state.sources, state.source_size = None, None
+    return sources.cpu()
 
 
 def source_label_maps(sources: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:

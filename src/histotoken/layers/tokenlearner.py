@@ -24,8 +24,6 @@ and return ``(tokens (B, S, C), pooling weights (B, S, N))``. The weights are th
 used for the weighted sum, so ``tokens == weights @ x`` holds for every learner.
 """
 
-from __future__ import annotations
-
 import torch
 from timm.layers import register_notrace_function
 from torch import nn

@@ -17,8 +17,6 @@ Positions: callers add position embeddings to the tokens *before* selection, so 
 carries its own position. Kept tokens are returned in their original (raster) order.
 """
 
-from __future__ import annotations
-
 import torch
 from timm.layers import register_notrace_function
 

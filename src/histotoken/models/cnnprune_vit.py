@@ -15,9 +15,11 @@ Architecture (``cnnprune_vit_small``: DeiT-Small ViT; ``cnnprune_vit_tiny``: 192
    logits from the features pooled with ``softmax(importance)`` over the patches.
 2. The ViT embeds all patches (``timm.layers.PatchEmbed``, 1-2% of the cost), adds position
    embeddings, keeps the ``k = round(keep_ratio * N)`` patches with the highest importance
-   (:func:`histotoken.layers.topk.select_topk_tokens`), prepends the class token (plus a projection
-   of the scorer's pooled features, so the ViT knows about the pruned regions) and runs timm
-   ``Block``s on the ``k + 1`` tokens.
+   (:func:`histotoken.layers.topk.select_topk_tokens`), prepends the class token (plus projections
+   of the scorer's pooled features and of its class logits, both starting at zero, so the ViT knows
+   about the pruned regions and what the scorer made of them) and runs timm ``Block``s on the
+   ``k + 1`` tokens. Through the class-logit projection the scorer's class head also shapes the
+   output, so every parameter gets a gradient from the logits (timm's backward test).
 
 Training (hooks used by histotoken's engine):
 
@@ -37,9 +39,13 @@ Training (hooks used by histotoken's engine):
   cross-entropy plus the budget penalty, so the importance map is learnt from the class signal
   alone (attention-MIL) before the ViT depends on it; the ViT loss is logged, not optimised.
   Stage 2: everything trains with the full loss. A new model is in stage 2.
-"""
 
-from __future__ import annotations
+timm interface notes: ``features_only=True`` uses timm's ``FeatureGetterNet`` over
+``forward_intermediates`` (the kept tokens on the patch grid, pruned patches zero); ``device=`` and
+``dtype=`` are accepted (``device="meta"`` builds without memory); ``set_grad_checkpointing``
+re-computes the blocks in the backward pass. This file has no ``from __future__ import annotations``:
+TorchScript reads the annotations of scripted methods and cannot parse postponed ones.
+"""
 
 import logging
 from functools import partial
@@ -50,12 +56,14 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.topk import select_topk_tokens
 from histotoken.models.pretrained import create_donor, load_donor_weights, model_cfg, names_own_weights
+from histotoken.models.tokenlearner_vit import drop_path_rates, make_head
 
 __all__ = ["CNNPruneViT", "PatchScorer"]
 
@@ -128,6 +136,19 @@ class PatchScorer(nn.Module):
         return scores, self.head(pooled), pooled
 
 
+class TokenSelector(nn.Module):
+    """The top-k patch selection as a module (no parameters), so that hooks can see which patches were kept.
+
+    ``forward(tokens, scores, k, gumbel)``: :func:`histotoken.layers.topk.select_topk_tokens` with the
+    module's training flag.
+    """
+
+    def forward(
+        self, tokens: torch.Tensor, scores: torch.Tensor, k: int, gumbel: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return select_topk_tokens(tokens, scores, k, training=self.training, gumbel=gumbel)
+
+
 class CNNPruneViT(nn.Module):
     """ViT that reads only the ``keep_ratio`` most important patches, chosen by a CNN scorer."""
 
@@ -155,6 +176,8 @@ class CNNPruneViT(nn.Module):
         drop_path_rate: float = 0.0,
         cnn_pretrained: bool = False,
         cnn_pretrained_file: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -165,6 +188,7 @@ class CNNPruneViT(nn.Module):
             scorer_stage: last ResNet18 stage the scorer runs (1-4; 2 = stride 8, 128 channels).
             gumbel: Gumbel-top-k exploration while training (see ``histotoken.layers.topk``).
             cnn_pretrained, cnn_pretrained_file: build the scorer from pretrained ``resnet18``.
+            device, dtype: where and in which dtype the parameters are created (timm's factory arguments).
         """
         super().__init__()
         low, high = KEEP_RATIO_RANGE
@@ -176,6 +200,7 @@ class CNNPruneViT(nn.Module):
         if global_pool != "token":
             raise ValueError(f"CNNPruneViT pools with its class token only; got global_pool={global_pool!r}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
@@ -184,6 +209,7 @@ class CNNPruneViT(nn.Module):
         self.efficiency_weight = float(efficiency_weight)
         self.gumbel = gumbel
         self.stage = 2
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
@@ -200,12 +226,15 @@ class CNNPruneViT(nn.Module):
             pretrained=cnn_pretrained,
             pretrained_file=cnn_pretrained_file,
         )
+        self.selector = TokenSelector()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         # the scorer's pooled view of the whole image (pruned patches included) joins the class token
         self.context_proj = nn.Linear(self.scorer.num_features, embed_dim)
+        # ... and so does its class evidence (its class logits), so the scorer's head also serves the ViT
+        self.evidence_proj = self._make_evidence_proj(num_classes, embed_dim)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -227,10 +256,10 @@ class CNNPruneViT(nn.Module):
 
         reduction = self.patch_embed.patch_size[0]
         self.feature_info = [dict(module=f"blocks.{index}", num_chs=embed_dim, reduction=reduction) for index in range(depth)]
-        self.tokens_per_block: list[int] = []
-        self.token_info: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._init_weights()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
@@ -241,6 +270,8 @@ class CNNPruneViT(nn.Module):
                     trunc_normal_(layer.weight, std=0.02)
                     nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.context_proj.weight)  # starts as a plain ViT class token (pretrained DeiT intact)
+        if isinstance(self.evidence_proj, nn.Linear):
+            nn.init.zeros_(self.evidence_proj.weight)
 
     # --- timm interface -------------------------------------------------------------------------
 
@@ -249,18 +280,58 @@ class CNNPruneViT(nn.Module):
         return {"pos_embed", "cls_token"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay: embeddings and scorer first, then each block."""
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed|^scorer|^context_proj|^evidence_proj",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New ViT head and scorer class head for ``num_classes`` (0 = features only)."""
+        """New ViT head and scorer class head for ``num_classes`` (0 = features only), on the model's device and dtype."""
         if global_pool not in (None, "token"):
             raise ValueError(f"CNNPruneViT pools with its class token only; got global_pool={global_pool!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        features = self.scorer.num_features
-        self.scorer.head = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
-        self.set_stage(self.stage)
+        like = self.cls_token
+        self.head = make_head(self.embed_dim, num_classes, like)
+        self.scorer.head = make_head(self.scorer.num_features, num_classes, like)
+        self.evidence_proj = self._make_evidence_proj(num_classes, self.embed_dim, like)
+        for module in (self.head, self.scorer.head, self.evidence_proj):
+            module.train(self.training)  # new modules keep the model's train/eval mode
+        if self.stage == 1:  # the new ViT-side layers are frozen in the scorer warm-up; nothing else changes
+            for parameter in [*self.head.parameters(), *self.evidence_proj.parameters()]:
+                parameter.requires_grad_(False)
+
+    @staticmethod
+    def _make_evidence_proj(num_classes: int, embed_dim: int, like: torch.Tensor | None = None) -> nn.Module:
+        """Scorer class logits -> class-token offset, starting at zero (``nn.Identity``, unused, without classes)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        factory = {} if like is None else dict(device=like.device, dtype=like.dtype)
+        projection = nn.Linear(num_classes, embed_dim, bias=False, **factory)
+        nn.init.zeros_(projection.weight)
+        return projection
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm / heads when asked), as timm's ViT does."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def _run_blocks(
         self, x: torch.Tensor, take_indices: list[int], norm: bool, output_fmt: str
@@ -273,14 +344,18 @@ class CNNPruneViT(nn.Module):
         batch = x.shape[0]
         scores, scorer_logits, pooled = self.scorer(x)  # (B, N), (B, classes), (B, C_cnn)
         tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D), each with its position
-        selected, kept_indices, keep_prob = select_topk_tokens(
-            tokens, scores, self.num_kept, training=self.training, gumbel=self.gumbel
-        )  # (B, k, D), (B, k), (B, N)
+        # (B, k, D) kept tokens, (B, k) their patch indices, (B, N) keep probabilities
+        selected, kept_indices, keep_prob = self.selector(tokens, scores, self.num_kept, self.gumbel)
         cls = self.cls_token + self.pos_embed[:, :1] + self.context_proj(pooled)[:, None]  # (B, 1, D)
+        if self.num_classes > 0:
+            cls = cls + self.evidence_proj(scorer_logits)[:, None]  # (B, classes) -> (B, 1, D)
         x = torch.cat([cls.expand(batch, -1, -1), selected], dim=1)  # (B, k + 1, D)
         intermediates: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
-            x = block(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
             if index in take_indices:
                 kept = (self.norm(x) if norm else x)[:, 1:]  # (B, k, D)
                 grid = kept.new_zeros(batch, tokens.shape[1], kept.shape[2])  # (B, N, D), pruned = 0
@@ -289,7 +364,7 @@ class CNNPruneViT(nn.Module):
                     grid = grid.transpose(1, 2).unflatten(2, self.patch_embed.grid_size)  # (B, D, H, W)
                 intermediates.append(grid)
         if not torch.jit.is_scripting():
-            self._record(scorer_logits, keep_prob, kept_indices, scores, x.shape[1])
+            self._keep_loss_inputs(scorer_logits, keep_prob)
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,16 +394,23 @@ class CNNPruneViT(nn.Module):
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     @torch.jit.unused
-    def _record(
-        self, scorer_logits: torch.Tensor, keep_prob: torch.Tensor, kept_indices: torch.Tensor,
-        scores: torch.Tensor, num_tokens: int,
-    ) -> None:
-        """Keep what ``compute_loss`` and the reports need from this pass (eager only: TorchScript and FX skip this)."""
+    def _keep_loss_inputs(self, scorer_logits: torch.Tensor, keep_prob: torch.Tensor) -> None:
+        """Keep what ``compute_loss`` needs from this pass (the CustomLoss protocol; eager only: TorchScript and FX skip this)."""
         if is_fx_tracing():
             return
         self._outputs = {"scorer_logits": scorer_logits, "keep_prob": keep_prob}
-        self.tokens_per_block = [int(num_tokens)] * len(self.blocks)
-        self.token_info = {"kept_indices": kept_indices.detach(), "scores": scores.detach()}
+
+    @torch.jit.ignore
+    def record_token_info(self, record: Any) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that put the scorer's (B, N) ``scores`` and the (B, k) ``kept_indices`` into ``record.token_info``."""
+
+        def keep_scores(module: nn.Module, args: tuple, output: tuple) -> None:
+            record.token_info["scores"] = output[0].detach()
+
+        def keep_indices(module: nn.Module, args: tuple, output: tuple) -> None:
+            record.token_info["kept_indices"] = output[1].detach()
+
+        return [self.scorer.register_forward_hook(keep_scores), self.selector.register_forward_hook(keep_indices)]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]  # class token
@@ -393,12 +475,15 @@ def _create_cnnprune_vit(
 ) -> CNNPruneViT:
     vit_file = kwargs.pop("vit_pretrained_file", None)
     cnn_file = kwargs.pop("cnn_pretrained_file", None)
+    # features_only=True: timm's FeatureGetterNet over forward_intermediates, the last 3 blocks by default
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
     if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
-        return build_model_with_cfg(CNNPruneViT, variant, pretrained=True, **kwargs)
+        return build_model_with_cfg(CNNPruneViT, variant, pretrained=True, feature_cfg=feature_cfg, **kwargs)
     model = build_model_with_cfg(
         CNNPruneViT,
         variant,
         pretrained=False,  # no weights of our own: the parts come from donors below
+        feature_cfg=feature_cfg,
         cnn_pretrained=pretrained,
         cnn_pretrained_file=cnn_file,
         **kwargs,

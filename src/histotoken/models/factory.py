@@ -96,13 +96,16 @@ def create_model(
     - ``merge_r`` > 0 applies token merging (ViT/DeiT only); a spec may carry it too, as
       ``deit_small_patch16_224:merge_r=13``, so one study can compare merged and unmerged models,
       and may name the placement, ``merge_mode=tome`` (default, the paper's) or
-      ``merge_mode=pre_attention`` (see :mod:`histotoken.models.token_merging`).
+      ``merge_mode=pre_attention`` (see :mod:`histotoken.models.token_merging`), and an r
+      schedule's inflection, ``merge_inflection=-1`` (ToMe's decreasing schedule; see
+      :func:`histotoken.models.token_merging.r_schedule`).
     """
     spec = parse_model_spec(spec)
     check_model_name(spec.name)
     kwargs = dict(spec.kwargs_dict, num_classes=num_classes)
     merge_r = int(kwargs.pop("merge_r", 0)) or merge_r
     merge_mode = str(kwargs.pop("merge_mode", "tome"))
+    merge_inflection = float(kwargs.pop("merge_inflection", 0.0))
     if img_size is not None:
         kwargs["img_size"] = img_size
     model = _create_with_fallback(spec.name, pretrained, kwargs)
@@ -111,7 +114,7 @@ def create_model(
     if merge_r:
         from histotoken.models.token_merging import apply_token_merging
 
-        apply_token_merging(model, merge_r, mode=merge_mode)
+        apply_token_merging(model, merge_r, mode=merge_mode, inflection=merge_inflection)
     return model
 
 

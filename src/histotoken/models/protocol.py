@@ -15,14 +15,17 @@ Who calls what, and when:
 - :class:`StagedTraining` - ``engine/fit.py`` reads ``model.num_stages`` once before training and
   calls ``model.set_stage(stage)`` (1-based) before each stage's ``Trainer.fit``, and again when a
   run resumes in a later stage.
-- :class:`TokenReporting` - ``engine/benchmark.py`` (``count_flops_and_tokens``) reads
-  ``model.tokens_per_block`` after a forward pass; explanations and reports read
-  ``model.token_info``. Both describe the *last* forward pass.
+- :class:`TokenReporting` - :func:`histotoken.models.records.record_tokens` (used by
+  ``engine/benchmark.py`` for token counts and by ``explain`` for token maps) calls
+  ``model.record_token_info(record)`` when it opens a record; the model registers forward hooks
+  that fill ``record.token_info`` and returns their handles, which the record removes when it
+  closes. ``forward`` itself writes nothing (token counts need no hook from the model: the record
+  counts the tokens entering each of ``model.blocks``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -64,10 +67,12 @@ class StagedTraining(Protocol):
 
 @runtime_checkable
 class TokenReporting(Protocol):
-    """A model that records how many tokens it processed, for FLOP tables and explanations."""
+    """A model that reports family detail of a forward pass (kept patches, attention maps) through hooks."""
 
-    tokens_per_block: list[int]
-    """Tokens (prefix tokens included) each block processed in the last forward pass; empty for a CNN."""
+    def record_token_info(self, record: Any) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register forward hooks that write this family's detail into ``record.token_info``.
 
-    token_info: dict[str, torch.Tensor]
-    """Family-specific detail of the last forward pass, e.g. ``kept_indices`` or ``attention_maps``."""
+        ``record`` is a :class:`histotoken.models.records.TokenRecord`; the hooks write detached
+        tensors (e.g. ``kept_indices``, ``scores``, ``attention_maps``). Returns the hook handles.
+        """
+        ...

@@ -2,8 +2,7 @@
 
 timm's smallest registered variants (``mixer_s32_224``: 512 wide, 8 blocks; ``convmixer_768_32``:
 768 wide, 32 layers, about 1 img/s to train on a 2-core CPU) are too big for CPU demos and tests,
-so this module registers two small ones. The architectures are timm's, unchanged; the subclasses
-only record ``tokens_per_block`` / ``token_info`` like every histotoken family.
+so this module registers two small ones. The architectures are timm's, unchanged.
 
 Papers:
 - MLP-Mixer: Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021
@@ -13,8 +12,6 @@ Papers:
 No pretrained weights exist for these sizes; ``pretrained=True`` needs a local file given as
 ``pretrained_cfg_overlay=dict(file=PATH)``.
 """
-
-from __future__ import annotations
 
 from typing import Any
 
@@ -30,42 +27,21 @@ __all__ = ["TokenCountingConvMixer", "TokenCountingMlpMixer"]
 
 
 class TokenCountingMlpMixer(MlpMixer):
-    """timm's MlpMixer; every mixer block processes all N patch tokens (no class token).
+    """timm's MlpMixer, unchanged; every mixer block processes all N patch tokens (no class token).
 
-    The token counts follow from the architecture, so they are properties rather than attributes
-    written during ``forward``: the forward pass stays timm's own, which TorchScript and FX can
-    compile (both skip the properties).
+    The subclass stays so that saved models keep their class name; token counts come from
+    :func:`histotoken.models.records.record_tokens`, as for every model.
     """
-
-    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
-
-    @property
-    def tokens_per_block(self) -> list[int]:
-        return [int(self.stem.num_patches)] * len(self.blocks)
-
-    @property
-    def token_info(self) -> dict[str, torch.Tensor]:
-        return {}
 
 
 class TokenCountingConvMixer(ConvMixer):
-    """timm's ConvMixer; a CNN, so ``tokens_per_block`` is empty. Takes any image size.
+    """timm's ConvMixer; a CNN, so it records no token counts. Takes any image size.
 
     ``img_size`` is accepted (and ignored) so that every histotoken family is built the same way.
     """
 
-    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
-
     def __init__(self, *args: Any, img_size: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-
-    @property
-    def tokens_per_block(self) -> list[int]:
-        return []
-
-    @property
-    def token_info(self) -> dict[str, torch.Tensor]:
-        return {}
 
 
 def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:

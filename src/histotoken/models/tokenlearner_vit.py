@@ -19,9 +19,21 @@ DeiT/ViT weights load by name):
 learner sits after the middle block). With fuse=True the class token sees only the S learned
 tokens, so the head pools the fused tokens by average (``global_pool="avg"``); asking for
 ``global_pool="token"`` with fuse=True is an error, since the fuser would then not change the output.
-"""
 
-from __future__ import annotations
+timm interface notes:
+
+- Feature levels (``feature_info``, ``forward_intermediates``, ``features_only=True`` through timm's
+  ``FeatureGetterNet``) are the maps that lie on the patch grid: the embedded patch tokens (level 0,
+  what block 0 receives) and the outputs of the ``learner_after`` blocks before the learner. Later
+  blocks hold S learned tokens without grid positions. Level 0 is included so that the mini
+  variant (learner after block 2) has the three levels timm expects of a feature extractor.
+- ``prune_intermediate_layers`` removes only the final norm and the head: the blocks after the
+  last grid level are what the learned tokens come from, so they stay.
+- ``device=`` / ``dtype=`` are accepted (``device="meta"`` builds without memory);
+  ``set_grad_checkpointing`` re-computes the blocks in the backward pass.
+- No ``from __future__ import annotations``: TorchScript reads the annotations of scripted
+  methods and cannot parse postponed ones.
+"""
 
 import logging
 from functools import partial
@@ -31,9 +43,9 @@ import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.layers.tokenlearner import TokenFuser, TokenLearner, TokenLearnerConv
 from histotoken.models.pretrained import load_donor_weights, model_cfg, names_own_weights
@@ -57,9 +69,20 @@ def make_token_learner(
     raise ValueError(f"learner must be one of {LEARNERS}, got {learner!r}")
 
 
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each block, rising linearly from 0 to ``drop_path_rate``.
+
+    Plain Python (not ``torch.linspace(...).tolist()``), so that a model builds inside a
+    ``torch.device("meta")`` context, where tensors hold no values.
+    """
+    if depth <= 1:
+        return [0.0] * depth
+    return [drop_path_rate * index / (depth - 1) for index in range(depth)]
+
+
 def make_blocks(depth: int, block_fn: type[nn.Module], drop_path_rate: float, **block_kwargs: Any) -> nn.Sequential:
     """``depth`` transformer blocks with stochastic depth rising linearly to ``drop_path_rate``."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    rates = drop_path_rates(drop_path_rate, depth)
     return nn.Sequential(*[block_fn(drop_path=rates[index], **block_kwargs) for index in range(depth)])
 
 
@@ -83,6 +106,19 @@ def pool_tokens(x: torch.Tensor, global_pool: str, num_prefix_tokens: int = 1) -
     if global_pool == "token":
         return x[:, 0]  # (B, P + T, C) -> (B, C)
     return x
+
+
+def attention_maps_hook(record: Any):
+    """Forward hook for a TokenLearner: its (B, S, N) weights as (B, S, gh, gw) ``record.token_info["attention_maps"]``.
+
+    The grid is the learner's (B, C, gh, gw) input, or the ``grid_size`` passed with (B, N, C) tokens.
+    """
+
+    def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        grid_size = tuple(args[0].shape[-2:]) if args[0].ndim == 4 else tuple(args[1])
+        record.token_info["attention_maps"] = output[1].detach().unflatten(2, grid_size)  # (B, S, gh, gw)
+
+    return hook
 
 
 def init_weights(module: nn.Module) -> None:
@@ -121,6 +157,8 @@ class TokenLearnerViT(nn.Module):
         block_fn: type[nn.Module] = Block,
         norm_layer: Any = None,
         act_layer: type[nn.Module] = nn.GELU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         learner_after = depth // 2 if learner_after is None else int(learner_after)
@@ -130,12 +168,14 @@ class TokenLearnerViT(nn.Module):
         self._check_pool(global_pool, fuse)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.num_tokens = num_tokens
         self.learner_after = learner_after
         self.fuse = fuse
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -162,14 +202,14 @@ class TokenLearnerViT(nn.Module):
         self.head = make_head(embed_dim, num_classes, like=self.cls_token)
 
         reduction = self.patch_embed.patch_size[0]
-        self.feature_info = [
+        self.feature_info = [dict(module="patch_embed", num_chs=embed_dim, reduction=reduction)] + [
             dict(module=f"blocks.{index}", num_chs=embed_dim, reduction=reduction) for index in range(learner_after)
-        ]  # the blocks that run on the patch grid
-        self.tokens_per_block: list[int] = []
-        self.token_info: dict[str, torch.Tensor] = {}
+        ]  # the embedded patches and the blocks that run on the patch grid
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _check_pool(global_pool: str, fuse: bool) -> None:
@@ -188,6 +228,10 @@ class TokenLearnerViT(nn.Module):
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -196,24 +240,30 @@ class TokenLearnerViT(nn.Module):
         if global_pool is not None:
             self._check_pool(global_pool, self.fuse)
             self.global_pool = global_pool
-        self.head = make_head(self.embed_dim, num_classes, like=self.cls_token)
+        self.head = make_head(self.embed_dim, num_classes, like=self.cls_token).train(self.training)
 
-    def _learn_tokens(
-        self, x: torch.Tensor, grid_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replace the N patch tokens by S learned ones: (1 + S tokens, the N patch tokens, (B, S, H, W) maps)."""
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove the final norm and the head when asked; the blocks stay (see module docstring)."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")  # as timm's ViT: forward then returns the unpooled tokens
+        return take_indices
+
+    def _learn_tokens(self, x: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the N patch tokens by S learned ones: (1 + S tokens, the N patch tokens)."""
         cls_token, patches = x[:, :1], x[:, 1:]  # (B, 1 + N, C) -> (B, 1, C), (B, N, C)
-        learned, weights = self.token_learner(patches, grid_size)  # -> (B, S, C), (B, S, N)
-        maps = weights.detach().unflatten(2, grid_size)  # (B, S, N) -> (B, S, H, W)
-        return torch.cat([cls_token, learned], dim=1), patches, maps  # (B, 1 + S, C)
+        learned, _ = self.token_learner(patches, grid_size)  # -> (B, S, C), (B, S, N) weights
+        return torch.cat([cls_token, learned], dim=1), patches  # (B, 1 + S, C)
 
-    @torch.jit.unused
-    def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
-        """Keep the token counts and attention maps of this pass (eager only: TorchScript and FX skip this)."""
-        if is_fx_tracing():
-            return
-        self.tokens_per_block = [int(count) for count in tokens_per_block]
-        self.token_info = {"attention_maps": maps}
+    @torch.jit.ignore
+    def record_token_info(self, record: Any) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that put the learner's (B, S, gh, gw) ``attention_maps`` into ``record.token_info``."""
+        return [self.token_learner.register_forward_hook(attention_maps_hook(record))]
 
     def _fuse_tokens(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Map the S learned tokens back onto the N positions (residual on the learner's input)."""
@@ -233,27 +283,31 @@ class TokenLearnerViT(nn.Module):
         grid_size = self.patch_embed.grid_size
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, C) -> (B, 1 + N, C)
         x = self.pos_drop(x + self.pos_embed)
-        tokens_per_block: list[int] = []
         intermediates: list[torch.Tensor] = []
+        if 0 in take_indices:  # level 0: the embedded patches
+            intermediates.append(self._grid(x, norm, output_fmt, grid_size))
         patches = x[:, 1:]  # replaced by the learner's input patch tokens below
-        maps = x.new_zeros(0)  # replaced by the learner's attention maps below
         for index, block in enumerate(self.blocks):
             if index == self.learner_after:
-                x, patches, maps = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
-            x = block(x)
-            tokens_per_block.append(x.shape[1])
-            if index in take_indices:
-                grid = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]  # (B, N, C)
-                if output_fmt == "NCHW":
-                    grid = grid.transpose(1, 2).unflatten(2, grid_size)  # (B, N, C) -> (B, C, H, W)
-                intermediates.append(grid)
+                x, patches = self._learn_tokens(x, grid_size)  # (B, 1 + N, C) -> (B, 1 + S, C)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if index + 1 in take_indices:  # level index + 1: the output of block index
+                intermediates.append(self._grid(x, norm, output_fmt, grid_size))
         if self.learner_after == len(self.blocks):
-            x, patches, maps = self._learn_tokens(x, grid_size)
+            x, patches = self._learn_tokens(x, grid_size)
         if self.token_fuser is not None:
             x = self._fuse_tokens(x, patches)  # (B, 1 + S, C) -> (B, 1 + N, C)
-        if not torch.jit.is_scripting():
-            self._record(tokens_per_block, maps)
         return x, intermediates
+
+    def _grid(self, x: torch.Tensor, norm: bool, output_fmt: str, grid_size: tuple[int, int]) -> torch.Tensor:
+        """(B, 1 + N, C) tokens -> the patch tokens as (B, C, H, W) for ``"NCHW"``, else (B, N, C)."""
+        grid = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]  # (B, N, C)
+        if output_fmt == "NCHW":
+            grid = grid.transpose(1, 2).unflatten(2, grid_size)  # (B, N, C) -> (B, C, H, W)
+        return grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self._run_blocks(x, [], False, "NLC")
@@ -271,14 +325,14 @@ class TokenLearnerViT(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of the blocks that run on the patch grid, like timm's ``VisionTransformer.forward_intermediates``.
 
-        Only the first ``learner_after`` blocks see the N patch tokens; later blocks hold S learned
-        tokens with no grid position, so ``indices`` count those first blocks (``feature_info``
-        lists them). ``stop_early`` is accepted for timm's interface; the whole model always runs,
+        Level 0 is the embedded patches, level ``i`` the output of block ``i - 1``, up to the
+        ``learner_after`` blocks that see the N patch tokens; later blocks hold S learned tokens with
+        no grid position (``feature_info`` lists the levels). ``stop_early`` is accepted for timm's interface; the whole model always runs,
         so the final features equal ``forward_features``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(self.learner_after, indices)
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         x, intermediates = self._run_blocks(x, take_indices, norm, output_fmt)
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
@@ -290,9 +344,15 @@ class TokenLearnerViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def feature_cfg(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``features_only=True``: timm's FeatureGetterNet over ``forward_intermediates``, last 3 levels by default."""
+    return dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
+
+
 def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenLearnerViT:
     donor = kwargs.pop("pretrained_donor", None) or PRETRAINED_DONORS[variant]
     pretrained_file = kwargs.pop("pretrained_file", None)
+    kwargs.setdefault("feature_cfg", feature_cfg(kwargs))
     if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
         return build_model_with_cfg(TokenLearnerViT, variant, pretrained=True, **kwargs)
     # Our own cfg has no weights: timm builds the model untrained, the donor supplies the ViT parts.
@@ -350,7 +410,9 @@ def tokenlearner_vit_mini(pretrained: bool = False, **kwargs: Any) -> TokenLearn
     """Mini ViT for 32 px (patch 4, 4 blocks of width 128), 64 patch tokens -> 8 learned tokens after block 2."""
     _check_mini_pretrained("tokenlearner_vit_mini", pretrained, kwargs)
     model_args = dict(MINI_ARGS, num_tokens=8, learner_after=2)
-    return build_model_with_cfg(TokenLearnerViT, "tokenlearner_vit_mini", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(
+        TokenLearnerViT, "tokenlearner_vit_mini", pretrained, feature_cfg=feature_cfg(kwargs), **dict(model_args, **kwargs)
+    )
 
 
 def _check_mini_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
@@ -362,44 +424,17 @@ def _check_mini_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any
 
 
 class TokenCountingViT(VisionTransformer):
-    """timm's VisionTransformer; every block sees the class token and all N patch tokens.
+    """timm's VisionTransformer, unchanged; every block sees the class token and all N patch tokens.
 
-    The counts follow from the architecture, so they are properties (the forward stays timm's own).
+    The subclass stays so that saved models keep their class name; token counts come from
+    :func:`histotoken.models.records.record_tokens`, as for every model.
     """
-
-    __jit_unused_properties__ = ["tokens_per_block", "token_info"]
-
-    @property
-    def tokens_per_block(self) -> list[int]:
-        recorded = self.__dict__.get("_recorded_tokens_per_block")
-        if recorded is not None:
-            return recorded
-        return [int(self.patch_embed.num_patches) + self.num_prefix_tokens] * len(self.blocks)
-
-    @tokens_per_block.setter
-    def tokens_per_block(self, counts: list[int]) -> None:
-        # what a forward pass recorded (token merging: histotoken.models.token_merging) overrides the static counts
-        self.__dict__["_recorded_tokens_per_block"] = counts
-
-    @tokens_per_block.deleter
-    def tokens_per_block(self) -> None:
-        self.__dict__.pop("_recorded_tokens_per_block", None)
-
-    @property
-    def token_info(self) -> dict[str, torch.Tensor]:
-        return self.__dict__.get("_recorded_token_info") or {}
-
-    @token_info.setter
-    def token_info(self, info: dict[str, torch.Tensor]) -> None:
-        self.__dict__["_recorded_token_info"] = info
-
-    @token_info.deleter
-    def token_info(self) -> None:
-        self.__dict__.pop("_recorded_token_info", None)
 
 
 @register_model
 def vit_mini_patch4_32(pretrained: bool = False, **kwargs: Any) -> TokenCountingViT:
     """The same mini ViT without TokenLearner (all 64 patch tokens in every block): timm's VisionTransformer."""
     _check_mini_pretrained("vit_mini_patch4_32", pretrained, kwargs)
-    return build_model_with_cfg(TokenCountingViT, "vit_mini_patch4_32", pretrained, **dict(MINI_ARGS, **kwargs))
+    return build_model_with_cfg(
+        TokenCountingViT, "vit_mini_patch4_32", pretrained, feature_cfg=feature_cfg(kwargs), **dict(MINI_ARGS, **kwargs)
+    )

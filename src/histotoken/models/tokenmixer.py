@@ -24,9 +24,19 @@ Notes:
   (``deit_small_patch16_224`` for small, ``deit_tiny_patch16_224`` for tiny, first ``depth``
   blocks); the convolutional stem and the TokenLearner start from scratch. A pretrained cfg that names
   weights of the model itself (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``) loads those instead.
-"""
 
-from __future__ import annotations
+timm interface notes:
+
+- No ``feature_info``, ``forward_intermediates`` or ``features_only``: the transformer blocks hold S
+  learned tokens that have no grid positions, so there are no feature maps to return (the
+  convolutional stem's map is a single level, not the three timm expects of a feature extractor).
+  timm's own models without feature maps declare it the same way, by not having ``feature_info``;
+  ``timm.create_model("tokenmixer_tiny", features_only=True)`` raises a ValueError that says so.
+- ``device=`` / ``dtype=`` are accepted (``device="meta"`` builds without memory);
+  ``set_grad_checkpointing`` re-computes the transformer blocks in the backward pass.
+- No ``from __future__ import annotations``: TorchScript reads the annotations of scripted
+  methods and cannot parse postponed ones.
+"""
 
 from functools import partial
 from typing import Any
@@ -34,12 +44,13 @@ from typing import Any
 import torch
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from histotoken.models.pretrained import load_donor_weights, model_cfg, names_own_weights
 from histotoken.models.tokenlearner_vit import (
+    attention_maps_hook,
     check_global_pool,
     init_weights,
     make_blocks,
@@ -97,16 +108,20 @@ class TokenMixer(nn.Module):
         block_fn: type[nn.Module] = Block,
         norm_layer: Any = None,
         act_layer: type[nn.Module] = nn.GELU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_global_pool(global_pool)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.num_tokens = num_tokens
         self.patch_size = patch_size
+        self.grad_checkpointing = False
         # Informational (the convolutions take any size divisible by patch_size).
         self.grid_size = tuple(size // patch_size for size in to_2tuple(img_size))
 
@@ -136,11 +151,11 @@ class TokenMixer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = make_head(embed_dim, num_classes, like=self.cls_token)
 
-        self.tokens_per_block: list[int] = []
-        self.token_info: dict[str, torch.Tensor] = {}
         trunc_normal_(self.slot_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -154,6 +169,10 @@ class TokenMixer(nn.Module):
         )
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -161,25 +180,23 @@ class TokenMixer(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = check_global_pool(global_pool)
-        self.head = make_head(self.embed_dim, num_classes, like=self.cls_token)
+        self.head = make_head(self.embed_dim, num_classes, like=self.cls_token).train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(self.stem(x))  # (B, 3, H_img, W_img) -> (B, C, H, W)
-        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-        learned, weights = self.token_learner(x)  # (B, C, H, W) -> (B, S, C), (B, S, N)
-        x = torch.cat([self.cls_token.expand(batch, -1, -1), learned], dim=1)  # (B, S, C) -> (B, 1 + S, C)
-        x = self.blocks(x + self.slot_embed)
-        if not torch.jit.is_scripting():
-            self._record([x.shape[1]] * len(self.blocks), weights.detach().unflatten(2, (height, width)))
+        learned, _ = self.token_learner(x)  # (B, C, H, W) -> (B, S, C), (B, S, N) weights
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), learned], dim=1)  # (B, S, C) -> (B, 1 + S, C)
+        x = x + self.slot_embed
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
-    @torch.jit.unused
-    def _record(self, tokens_per_block: list[int], maps: torch.Tensor) -> None:
-        """Keep the token counts and (B, S, H, W) attention maps of this pass (eager only: TorchScript and FX skip this)."""
-        if is_fx_tracing():
-            return
-        self.tokens_per_block = [int(count) for count in tokens_per_block]
-        self.token_info = {"attention_maps": maps}
+    @torch.jit.ignore
+    def record_token_info(self, record: Any) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that put the learner's (B, S, H, W) ``attention_maps`` into ``record.token_info``."""
+        return [self.token_learner.register_forward_hook(attention_maps_hook(record))]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))  # (B, 1 + S, C) -> (B, C)
@@ -190,6 +207,11 @@ class TokenMixer(nn.Module):
 
 
 def _create_tokenmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenMixer:
+    if kwargs.get("features_only"):
+        raise ValueError(
+            f"{variant} has no feature maps for features_only=True: its transformer holds learned tokens without "
+            "grid positions; use model.forward_features(images) for the (B, 1 + S, C) tokens"
+        )
     donor = kwargs.pop("pretrained_donor", None) or PRETRAINED_DONORS[variant]
     pretrained_file = kwargs.pop("pretrained_file", None)
     if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
