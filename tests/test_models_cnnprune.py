@@ -196,3 +196,17 @@ def test_pretrained_without_network_asks_for_local_files(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ValueError, match="cnn_pretrained_file"):
         cnnprune_vit.cnnprune_vit_tiny(pretrained=True, img_size=IMG, patch_size=PATCH)
+
+
+def test_donor_files_named_in_the_spec_are_loaded_without_pretrained(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    vit_donor = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH)
+    save_file({k: v.contiguous() for k, v in vit_donor.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    model = timm.create_model("cnnprune_vit_tiny", img_size=IMG, patch_size=PATCH, num_classes=3,
+                              vit_pretrained_file=str(tmp_path / "vit.safetensors"))
+    assert torch.equal(model.blocks[3].mlp.fc2.weight, vit_donor.blocks[3].mlp.fc2.weight)
+    with pytest.raises(ValueError, match="does not exist"):
+        timm.create_model("cnnprune_vit_tiny", img_size=IMG, patch_size=PATCH, num_classes=3,
+                          vit_pretrained_file=str(tmp_path / "absent.safetensors"))

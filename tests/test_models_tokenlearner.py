@@ -219,3 +219,16 @@ def test_unreachable_hub_asks_for_a_local_weights_file(monkeypatch):
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", offline)
     with pytest.raises(ValueError, match="pretrained_file"):
         create("tokenlearner_vit_tiny", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["tokenlearner_vit_tiny", "tokenmixer_tiny"])
+def test_a_donor_file_named_in_the_spec_is_loaded_without_pretrained(deit_tiny_file, name):
+    path, donor_state = deit_tiny_file
+    model = create(name, pretrained_file=str(path))  # no pretrained=True: the named file still counts
+    torch.testing.assert_close(model.state_dict()["blocks.0.attn.proj.weight"], donor_state["blocks.0.attn.proj.weight"],
+                               rtol=0, atol=0)
+
+
+def test_a_missing_donor_file_named_in_the_spec_is_an_error_without_pretrained(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        create("tokenlearner_vit_tiny", pretrained_file=str(tmp_path / "absent.safetensors"))

@@ -200,10 +200,11 @@ def export_timm(model: nn.Module, out_dir: Path, info: ExportInfo) -> str:
 
 
 def _serialisable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Model arguments that rebuild the architecture: histotoken's merge_r/merge_mode and donor-weight files dropped."""
+    """Model arguments that rebuild the architecture: histotoken's merge_r/merge_mode/merge_inflection (token merging
+    is applied after creation) and donor-weight files dropped."""
     return {
         key: value for key, value in kwargs.items()
-        if key not in ("merge_r", "merge_mode") and not key.endswith(("pretrained_file", "pretrained_donor"))
+        if key not in ("merge_r", "merge_mode", "merge_inflection") and not key.endswith(("pretrained_file", "pretrained_donor"))
     }
 
 

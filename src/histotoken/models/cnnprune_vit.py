@@ -484,11 +484,11 @@ def _create_cnnprune_vit(
         variant,
         pretrained=False,  # no weights of our own: the parts come from donors below
         feature_cfg=feature_cfg,
-        cnn_pretrained=pretrained,
+        cnn_pretrained=pretrained or cnn_file is not None,  # a file named in the spec is a file used
         cnn_pretrained_file=cnn_file,
         **kwargs,
     )
-    if pretrained:
+    if pretrained or vit_file is not None:
         _load_vit_donor(model, vit_donor, vit_file)
     return model
 

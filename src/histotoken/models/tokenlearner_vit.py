@@ -357,7 +357,7 @@ def _create_tokenlearner_vit(variant: str, pretrained: bool = False, **kwargs: A
         return build_model_with_cfg(TokenLearnerViT, variant, pretrained=True, **kwargs)
     # Our own cfg has no weights: timm builds the model untrained, the donor supplies the ViT parts.
     model = build_model_with_cfg(TokenLearnerViT, variant, pretrained=False, **kwargs)
-    if pretrained:
+    if pretrained or pretrained_file is not None:  # a donor file named in the spec is loaded, --pretrained or not
         donor_kwargs = dict(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size)
         load_donor_weights(model, donor, pretrained_file, donor_kwargs)
     return model

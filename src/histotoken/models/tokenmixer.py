@@ -217,7 +217,7 @@ def _create_tokenmixer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     if pretrained and names_own_weights(variant, kwargs):  # e.g. a folder of `histotoken export --format timm`
         return build_model_with_cfg(TokenMixer, variant, pretrained=True, **kwargs)
     model = build_model_with_cfg(TokenMixer, variant, pretrained=False, **kwargs)
-    if pretrained:
+    if pretrained or pretrained_file is not None:  # a donor file named in the spec is loaded, --pretrained or not
         load_donor_weights(model, donor, pretrained_file, prefixes=("blocks.", "norm.", "cls_token"))
     return model
 
