@@ -29,6 +29,11 @@ Typical workflow:
   histotoken train --data data/synthetic --model resnet18 --train-domain 100 --out runs/r18
   histotoken evaluate runs/r18 --domain 400            # cross-magnification test
   histotoken grid demo.yaml --data data/synthetic --out study   # many runs + report.html
+
+Frozen features and slides:
+  histotoken embed tiles --model resnet18 --weights r18.safetensors --out features    # one HDF5 per slide
+  histotoken train --probe linear --model resnet18 --data data/synthetic --out runs/probe
+  histotoken slides train --features features --labels slides.csv --aggregator abmil --out runs/abmil
 """
 
 # commands that build no model: they need not import torch and timm (histotoken/__init__ defers that here)
