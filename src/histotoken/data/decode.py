@@ -104,6 +104,17 @@ def probe_image(path: str | Path, limit: int | None = None) -> tuple[int, int]:
     return array.shape[1], array.shape[0]
 
 
+def size_or_skip(path: Path, check: bool, skipped: list[tuple[str, str]]) -> tuple[int, int] | None:
+    """(width, height) of a checked image ((0, 0) unchecked), or None after adding (path, reason) to ``skipped``."""
+    if not check:
+        return 0, 0
+    try:
+        return probe_image(path)
+    except ValueError as error:
+        skipped.append((str(path), str(error)))
+        return None
+
+
 # --------------------------------------------------------------------------- decoders
 
 

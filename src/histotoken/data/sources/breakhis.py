@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histotoken.data.breakhis import find_breast_root, parse_file_name
-from histotoken.data.decode import IMAGE_SUFFIXES, decode_image, probe_image
+from histotoken.data.decode import IMAGE_SUFFIXES, decode_image, size_or_skip
 from histotoken.data.sources import INDEX_COLUMNS, DataSource, IndexResult, SourceWords
 
 if TYPE_CHECKING:
@@ -62,13 +62,10 @@ def scan_breakhis(data_root: str | Path, check_images: bool = True) -> IndexResu
         except ValueError as error:
             skipped.append((str(path), str(error)))
             continue
-        width = height = 0
-        if check_images:
-            try:
-                width, height = probe_image(path)
-            except ValueError as error:
-                skipped.append((str(path), str(error)))
-                continue
+        size = size_or_skip(path, check_images, skipped)
+        if size is None:
+            continue
+        width, height = size
         rows.append(
             {
                 "path": str(path.resolve()),

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotoken.data.decode import IMAGE_SUFFIXES, decode_image, probe_image
+from histotoken.data.decode import IMAGE_SUFFIXES, decode_image, size_or_skip
 from histotoken.data.sources import INDEX_COLUMNS, NO_MAGNIFICATION, DataSource, IndexResult, SourceWords
 from histotoken.formats import GROUP_COLUMNS, GROUPS_FILE
 
@@ -104,13 +104,10 @@ class ImageFolderSource:
         for name in names:
             for path in image_files_in(root / name):
                 relative = path.relative_to(root).as_posix()
-                width = height = 0
-                if check_images:
-                    try:
-                        width, height = probe_image(path)
-                    except ValueError as error:
-                        skipped.append((str(path), str(error)))
-                        continue
+                size = size_or_skip(path, check_images, skipped)
+                if size is None:
+                    continue
+                width, height = size
                 group = group_of.get(relative, group_of.get(path.name))
                 if group_of and group is None:
                     ungrouped.append(relative)
