@@ -198,3 +198,13 @@ def test_a_spec_file_with_the_old_enabled_marker_still_reads(tmp_path):
     raw = spec_dict(tmp_path, explain={"enabled": True, "n": 4})
     assert spec_from_dict(raw, "spec.yaml").explain == {"enabled": True, "n": 4}
     assert spec_from_dict({**raw, "explain": {"enabled": False, "n": 4}}, "spec.yaml").explain == {}
+
+
+def test_a_test_domain_missing_from_the_data_stops_the_study_before_any_training(learnable_root, tmp_path):
+    """learnable_root has 100x and 400x only: asking for 200x as a test domain is refused up front,
+    not found after every model has trained (and no run folder is started)."""
+    spec = spec_from_dict(spec_dict(learnable_root, train_domains=["100"], test_domains=["100", "200"]), "spec.yaml")
+    study = tmp_path / "study"
+    with pytest.raises(ValueError, match=r"nothing was trained.*domain 200 has no images in the test split"):
+        run_grid(spec, study, build_report=False)
+    assert not (study / "runs").exists() or not any((study / "runs").iterdir())

@@ -64,9 +64,14 @@ def test_sigterm_then_kill_9_then_rerun_resumes_and_records_every_epoch_once(syn
     done_before_kill = epochs_written(run)
     killed = start_and_signal(command, run, after_epochs=done_before_kill + 2, signum=signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # nobody could record the kill
+    from histotoken.engine.run_lock import writer_alive
+
+    assert not writer_alive(run)  # the kernel dropped the dead writer's lock
 
     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert finished.returncode == 0, finished.stderr
+    assert "previous attempt stopped without recording why" in finished.stderr
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["epoch"]) == list(range(1, 7))  # every epoch exactly once, in order
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from histotoken.engine.run_lock import RUN_LOCK, RunFolderBusy, run_lock
+from histotoken.engine.run_lock import RUN_LOCK, RunFolderBusy, run_lock, writer_alive
 
 HOLD = """
 import sys, time
@@ -59,8 +59,10 @@ def test_a_second_train_on_the_same_out_folder_is_refused_before_it_writes(holde
 
 def test_the_lock_of_a_killed_process_is_taken_over(holder):
     run, process = holder
+    assert writer_alive(run)  # another process writes the folder
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    assert not writer_alive(run)  # a status.json saying "running" is now known to be stale
     with run_lock(run, "export"):  # the kernel dropped the dead process's lock
         assert f'"pid": {os.getpid()}' in (run / RUN_LOCK).read_text()
 

@@ -151,6 +151,12 @@ def train(
     with run_lock(paths.root, "train"):  # one writer per run folder: a second process is refused
         if read_status(paths)["state"] == STATE_FINISHED:  # finished while we waited to look
             return TrainResult(paths.root, True, read_json(paths.best_meta) if paths.best_meta.is_file() else {}, None)
+        previous = read_status(paths)
+        if previous["state"] == STATE_RUNNING:  # we hold the lock, so its writer is gone
+            logger.warning(
+                "%s: the previous attempt stopped without recording why (killed with SIGKILL, out of memory, "
+                "or a crash such as SIGBUS/SIGSEGV); resuming from its last saved epoch", paths.root,
+            )
         if is_global_zero():
             paths.root.mkdir(parents=True, exist_ok=True)
             write_run_config(config, paths.config)

@@ -117,3 +117,24 @@ def _release(path: Path) -> None:
             return
         del _held[path]
     os.close(descriptor)  # closing the only descriptor releases the flock
+
+
+def writer_alive(run_dir: str | Path) -> bool:
+    """True while some process holds the run folder's writer lock (this process included)."""
+    path = (Path(run_dir) / RUN_LOCK).resolve()
+    with _held_guard:
+        if path in _held:
+            return True
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody ever wrote the folder under a lock
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file system without locks: nothing can be told
+    finally:
+        os.close(descriptor)  # also drops the shared lock we may have taken
+    return False

@@ -157,7 +157,33 @@ def prepare_study(spec: StudySpec, study_dir: str | Path) -> dict[str, Path]:
     index = load_index(spec.data, data_format=spec.data_format, groups=spec.groups)  # one scan for the study
     check_domains_exist(spec, index.frame)
     describe_dataset(spec, study_dir, index)
-    return prepare_splits(spec, study_dir, index.frame)
+    split_paths = prepare_splits(spec, study_dir, index.frame)
+    check_domains_in_splits(spec, split_paths)
+    return split_paths
+
+
+def check_domains_in_splits(spec: StudySpec, split_paths: dict[str, Path]) -> None:
+    """Before any training: every train domain has train and validation images, and every test
+    domain has test images, in every split of the study (one error naming all that are missing)."""
+    from histotoken.data.domains import select_domain
+    from histotoken.data.splits import read_split
+
+    problems = []
+    for split_name, path in sorted(split_paths.items()):
+        split = read_split(path)
+        wanted = [(side, domain) for domain in spec.train_domains for side in ("train", "val")]
+        wanted += [("test", domain) for domain in spec.test_domains]
+        for side, domain in wanted:
+            try:
+                select_domain(split[split["split"] == side], domain, f"the {side} split")
+            except ValueError as error:
+                problems.append(f"{split_name}: {error}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(
+            f"study {spec.name}: nothing was trained, because {shown}. Change train_domains/test_domains "
+            f"in the spec to domains the data has, or the split fractions (split files: {Path(next(iter(split_paths.values()))).parent})"
+        )
 
 
 def run_grid(
