@@ -203,6 +203,21 @@ def split_key(key: str) -> tuple[str, int | None]:
     return key, None
 
 
+def rebase_record_keys(frame: pd.DataFrame, folder: Path, what: str) -> pd.DataFrame:
+    """Point record keys (``<old folder>/<file>#<n>``) at ``folder/<file>#<n>``; ``what`` names the
+    record kind in the error for a key that is not one (e.g. ``a tile (<table>.parquet#<row>)``)."""
+
+    def moved(key: str) -> str:
+        base, record = split_key(key)
+        if record is None:
+            raise ValueError(f"split key {key} is not {what}; cannot move it to {folder}")
+        return f"{folder / Path(base).name}{KEY_SEPARATOR}{record}"
+
+    frame = frame.copy()
+    frame["path"] = frame["path"].astype(str).map(moved)
+    return frame
+
+
 def _record_suffixes() -> set[str]:
     suffixes = {".bin": "cifar10", ".parquet": "tiles"}  # built-ins, known without importing them
     suffixes.update({s.key_suffix: s.name for s in _REGISTERED.values() if s.key_suffix})

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from histotoken.data.sources import NO_MAGNIFICATION, DataSource, IndexResult, SourceWords, split_key
+from histotoken.data.sources import (
+    NO_MAGNIFICATION,
+    DataSource,
+    IndexResult,
+    SourceWords,
+    rebase_record_keys,
+    split_key,
+)
 from histotoken.formats import CIFAR_DIR, CIFAR_META_FILE, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, KEY_SEPARATOR
 
 if TYPE_CHECKING:
@@ -128,17 +135,7 @@ class Cifar10Source:
 
     def rebase(self, frame: pd.DataFrame, new_root: Path) -> pd.DataFrame:
         """``<old dir>/<batch>.bin#n`` -> ``<new batches dir>/<batch>.bin#n``."""
-        folder = cifar_dir(new_root).resolve()
-
-        def moved(key: str) -> str:
-            base, record = split_key(key)
-            if record is None:
-                raise ValueError(f"split key {key} is not a CIFAR-10 record (<batch>.bin#<n>); cannot move it to {folder}")
-            return f"{folder / Path(base).name}{KEY_SEPARATOR}{record}"
-
-        frame = frame.copy()
-        frame["path"] = frame["path"].astype(str).map(moved)
-        return frame
+        return rebase_record_keys(frame, cifar_dir(new_root).resolve(), "a CIFAR-10 record (<batch>.bin#<n>)")
 
 
 SOURCE: DataSource = Cifar10Source()

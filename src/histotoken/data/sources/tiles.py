@@ -15,7 +15,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotoken.data.sources import NO_MAGNIFICATION, DataSource, IndexResult, SourceWords, split_key
+from histotoken.data.sources import (
+    NO_MAGNIFICATION,
+    DataSource,
+    IndexResult,
+    SourceWords,
+    rebase_record_keys,
+    split_key,
+)
 from histotoken.formats import KEY_SEPARATOR, TILE_SUMMARY, TILE_TABLES_DIR
 
 if TYPE_CHECKING:
@@ -116,16 +123,7 @@ class TilesSource:
     def rebase(self, frame: pd.DataFrame, new_root: Path) -> pd.DataFrame:
         """``<old root>/tiles/<slide>.parquet#n`` -> ``<new root>/tiles/<slide>.parquet#n`` (slides stay where
         the tables say)."""
-
-        def moved(key: str) -> str:
-            base, record = split_key(key)
-            if record is None:
-                raise ValueError(f"split key {key} is not a tile (<table>.parquet#<row>); cannot move it to {new_root}")
-            return f"{new_root / TILE_TABLES_DIR / Path(base).name}{KEY_SEPARATOR}{record}"
-
-        frame = frame.copy()
-        frame["path"] = frame["path"].astype(str).map(moved)
-        return frame
+        return rebase_record_keys(frame, new_root / TILE_TABLES_DIR, "a tile (<table>.parquet#<row>)")
 
 
 SOURCE: DataSource = TilesSource()
