@@ -5,33 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.metrics import balanced_accuracy_score
 
 from histotoken.engine.evaluate import compute_metrics
 from histotoken.engine.metrics import headline_metrics
+from tests.sklearn_reference import random_labels, sklearn_metrics
 
-
-def sklearn_metrics(y_true, y_pred) -> dict[str, float]:
-    import warnings
-
-    with warnings.catch_warnings():  # classes only predicted: sklearn warns, then counts them as it documents
-        warnings.simplefilter("ignore")
-        return {
-            "accuracy": accuracy_score(y_true, y_pred),
-            "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
-            "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
-        }
-
-
-def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """A random image set: 2-60 images, 1-8 classes, often with classes missing from labels or predictions."""
-    num_classes = int(rng.integers(1, 9))
-    n = int(rng.integers(2, 61))
-    label_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
-    pred_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
-    y_true = rng.choice(label_classes, n)
-    y_pred = np.where(rng.random(n) < rng.random(), y_true, rng.choice(pred_classes, n))
-    return y_true, y_pred, num_classes
+random_case = random_labels
 
 
 def test_the_issue_example_gives_sklearn_balanced_accuracy():

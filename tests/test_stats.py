@@ -8,36 +8,19 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
-    f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
 )
 
 from histotoken import stats
-
-
-def sklearn_metrics(y_true, y_pred) -> dict[str, float]:
-    with warnings.catch_warnings():  # classes only predicted: sklearn warns, then leaves them out as documented
-        warnings.simplefilter("ignore")
-        return {
-            "accuracy": accuracy_score(y_true, y_pred),
-            "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
-            "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
-        }
+from tests.sklearn_reference import random_labels, sklearn_metrics
 
 
 def random_case(rng: np.random.Generator):
     """2-60 images of 1-8 classes, often with classes missing from the labels or the predictions; 1-6 patients."""
-    num_classes = int(rng.integers(1, 9))
-    n = int(rng.integers(2, 61))
-    label_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
-    pred_classes = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
-    y_true = rng.choice(label_classes, n)
-    y_pred = np.where(rng.random(n) < rng.random(), y_true, rng.choice(pred_classes, n))
-    patients = rng.choice([f"p{i}" for i in range(int(rng.integers(1, 7)))], n)
+    y_true, y_pred, num_classes = random_labels(rng)
+    patients = rng.choice([f"p{i}" for i in range(int(rng.integers(1, 7)))], len(y_true))
     return y_true, y_pred, patients, num_classes
 
 
