@@ -6,6 +6,7 @@ Every function takes arrays and returns a ``matplotlib.figure.Figure``; images a
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -13,11 +14,15 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from histotoken.reporting.plots import DPI, new_figure
+from histotoken.reporting.plots import DPI, MAX_FIGURE_PX, MIN_FONT_PT, new_figure
 
 OVERLAY_ALPHA = 0.5
 CELL_IN = 1.25  # inches per image cell
-GREY = 225
+OUTCOME_COLUMNS = 3  # panels per row of the outcome grid
+ROW_LABEL_IN = 1.4
+SUPTITLE_PT = 9
+TITLE_PT = 8  # column titles; captions and row labels are MIN_FONT_PT
+TEXT_LINE_HEIGHT = 1.3  # a line of text, as a multiple of its font size
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray | None, cmap: str = "jet") -> np.ndarray:
@@ -31,51 +36,63 @@ def overlay(image: np.ndarray, saliency: np.ndarray | None, cmap: str = "jet") -
 
 
 def mosaic_figure(
-    tiles: Sequence[Sequence[np.ndarray | None]],
+    tiles: Sequence[Sequence[np.ndarray]],
     captions: Sequence[Sequence[str]] | None = None,
     column_titles: Sequence[str] = (),
     row_labels: Sequence[str] = (),
     title: str = "",
+    cell_in: float = CELL_IN,
 ) -> Figure:
     """A grid of equally sized image tiles drawn as one image (fast), with captions above the tiles.
 
-    ``tiles[row][column]`` is a uint8 (H, W, 3) array or None (a grey "none" cell).
+    ``tiles[row][column]`` is a uint8 (H, W, 3) array; a row may be shorter than the others (its end stays
+    white: the grid has no placeholder cells). Each tile is ``cell_in`` inches wide; all text is at least
+    ``MIN_FONT_PT`` points, and the space above each tile fits its caption's lines at that size.
     """
     rows, columns = len(tiles), max(len(row) for row in tiles)
-    size = next(tile.shape[:2] for row in tiles for tile in row if tile is not None)
-    height, width = size
+    height, width = tiles[0][0].shape[:2]
+    has_captions = any(c for row in (captions or []) for c in row)
+    gap_x = max(2, width // (10 if has_captions else 16))  # captions a little wider than their tile stay apart
+    label_in = ROW_LABEL_IN if row_labels else 0.1
+    # a wide grid gets narrower cells rather than being shrunk by the page (which would shrink its text)
+    cell_in = min(cell_in, (MAX_FIGURE_PX / DPI - label_in) / (columns * (width + gap_x) / width))
+    px_per_in = width / cell_in  # mosaic pixels per inch of figure
+
+    def text_px(points: float, lines: int) -> int:  # the height of `lines` lines of text, in mosaic pixels
+        return int(np.ceil(lines * points * TEXT_LINE_HEIGHT / 72.0 * px_per_in))
+
     caption_lines = max((c.count("\n") + 1 for row in (captions or []) for c in row if c), default=0)
-    gap_x = max(2, width // 16)
-    gap_y = gap_x + int(round(height * 0.16 * caption_lines))  # room for the caption above each tile
-    top = int(round(height * 0.25)) if column_titles else 0
+    gap_y = gap_x + text_px(MIN_FONT_PT, caption_lines)  # room for the caption above each tile
+    top = text_px(TITLE_PT, 1) + gap_x if column_titles else 0
     mosaic = np.full((top + rows * (height + gap_y), columns * (width + gap_x), 3), 255, dtype=np.uint8)
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             y, x = top + r * (height + gap_y) + gap_y, c * (width + gap_x)
-            mosaic[y:y + height, x:x + width] = GREY if tile is None else tile[:height, :width]
-    label_in = 1.4 if row_labels else 0.1
-    figure_width = CELL_IN * columns * (width + gap_x) / width + label_in
-    figure_height = CELL_IN * mosaic.shape[0] / width + (0.35 if title else 0.05)
+            mosaic[y:y + height, x:x + width] = tile[:height, :width]
+    figure_width = cell_in * columns * (width + gap_x) / width + label_in
+    # a title wider than a narrow grid wraps (DejaVu Sans averages under 0.6 em per character)
+    title = textwrap.fill(title, max(16, int(figure_width * 72 / (SUPTITLE_PT * 0.6)))) if title else ""
+    title_in = (0.12 + (title.count("\n") + 1) * SUPTITLE_PT * TEXT_LINE_HEIGHT / 72) if title else 0.05
+    figure_height = cell_in * mosaic.shape[0] / width + title_in
     figure = Figure(figsize=(figure_width, figure_height), dpi=DPI)
     FigureCanvasAgg(figure)
     ax = figure.add_axes((label_in / figure_width, 0.0, 1 - label_in / figure_width - 0.005,
-                          1 - (0.35 if title else 0.05) / figure_height))
+                          1 - title_in / figure_height))
     ax.imshow(mosaic, interpolation="nearest", aspect="equal")
     ax.set_axis_off()
     for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
+        for c, _ in enumerate(row):
             y, x = top + r * (height + gap_y) + gap_y, c * (width + gap_x)
-            if tile is None:
-                ax.text(x + width / 2, y + height / 2, "none", ha="center", va="center", fontsize=6, color="#777777")
             if captions and captions[r][c]:
-                ax.text(x + width / 2, y - 1, captions[r][c], ha="center", va="bottom", fontsize=5.5)
+                ax.text(x + width / 2, y - 1, captions[r][c], ha="center", va="bottom", fontsize=MIN_FONT_PT)
     for c, name in enumerate(column_titles):
-        ax.text(c * (width + gap_x) + width / 2, top / 2, name, ha="center", va="center", fontsize=8,
+        ax.text(c * (width + gap_x) + width / 2, top / 2, name, ha="center", va="center", fontsize=TITLE_PT,
                 fontweight="bold")
     for r, name in enumerate(row_labels):
-        ax.text(-gap_x, top + r * (height + gap_y) + gap_y + height / 2, name, ha="right", va="center", fontsize=7)
+        ax.text(-gap_x, top + r * (height + gap_y) + gap_y + height / 2, name, ha="right", va="center",
+                fontsize=MIN_FONT_PT)
     if title:
-        figure.suptitle(title, fontsize=9, y=1 - 0.08 / figure_height, va="top")
+        figure.suptitle(title, fontsize=SUPTITLE_PT, y=1 - 0.06 / figure_height, va="top")
     return figure
 
 
@@ -88,9 +105,10 @@ def per_image_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], caption
         row_tiles, row_texts = [], []
         for index in range(start, min(start + groups_per_row, len(images))):
             row_tiles += [images[index]] + [overlay(images[index], maps[m][index]) for m in methods]
-            row_texts += [captions[index]] + [""] * len(methods)
+            # "true X\npred Y (0.73)" on three lines, so that the longest class names fit the cell
+            row_texts += [captions[index].replace("_", " ").replace(" (", "\n(")] + [""] * len(methods)
         tiles.append(row_tiles)
-        texts.append(row_texts + [""] * (len(tiles[0]) - len(row_texts)))
+        texts.append(row_texts)
     titles = (["image", *methods] * groups_per_row)[: len(tiles[0])]
     return mosaic_figure(tiles, texts, titles, title="Explained test images: image, then each method's map")
 
@@ -100,21 +118,25 @@ def outcome_grid_figure(
     classes: Sequence[str],
     outcomes: Sequence[str],
     method: str,
+    columns: int = OUTCOME_COLUMNS,
 ) -> Figure:
-    """Rows are classes, columns outcomes (TP/FP/FN); each cell the most confident such image with its map."""
-    tiles, texts = [], []
-    for name in classes:
-        row_tiles, row_texts = [], []
-        for outcome in outcomes:
-            cell = cells.get((name, outcome))
-            row_tiles.append(None if cell is None else overlay(cell[0], cell[1]))
-            row_texts.append("" if cell is None else cell[2])
-        tiles.append(row_tiles)
-        texts.append(row_texts)
-    if all(tile is None for row in tiles for tile in row):
+    """The most confident image of each class and outcome (TP/FP/FN) that has one, with its map.
+
+    Only (class, outcome) pairs with an image are drawn, in class order then outcome order, ``columns`` to a
+    row; each panel's caption names its class and outcome, then the prediction (``cells[...][2]``). A class
+    with one error and no correct image gets one panel, not a row of placeholders.
+    """
+    panels = [(name, outcome, cells[(name, outcome)]) for name in classes for outcome in outcomes
+              if cells.get((name, outcome)) is not None]
+    if not panels:
         raise ValueError("no image to show in the outcome grid")
-    return mosaic_figure(tiles, texts, list(outcomes), [n.replace("_", " ") for n in classes],
-                         title=f"{method}: most confident image per class and outcome")
+    columns = max(1, min(columns, len(panels)))
+    tiles = [[overlay(cell[0], cell[1]) for _, _, cell in panels[start:start + columns]]
+             for start in range(0, len(panels), columns)]
+    texts = [[f"{name.replace('_', ' ')}: {outcome}\n{cell[2].replace('_', ' ')}"
+              for name, outcome, cell in panels[start:start + columns]]
+             for start in range(0, len(panels), columns)]
+    return mosaic_figure(tiles, texts, title=f"{method}: most confident image per class and outcome")
 
 
 def token_maps_figure(images: np.ndarray, maps: np.ndarray, title: str) -> Figure:
@@ -167,7 +189,7 @@ def tsne_figure(embedding: np.ndarray, classes: Sequence[str], magnifications: S
         ax.set_title(f"coloured by {name}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(fontsize=6, markerscale=1.2, loc="best", frameon=False)
+        ax.legend(fontsize=MIN_FONT_PT, markerscale=1.2, loc="best", frameon=False)
     figure.suptitle(title, fontsize=10)
     return figure
 
@@ -190,7 +212,7 @@ def faithfulness_figure(curves: Mapping[str, Mapping[str, np.ndarray]], random_n
         ax.set_ylim(0, 1.02)
         better = "lower" if kind == "deletion" else "higher"
         ax.set_title(f"{kind} ({better} area is better)", fontsize=9)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=MIN_FONT_PT, frameon=False)
     return figure
 
 

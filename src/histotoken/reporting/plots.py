@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 
 DPI = 110
@@ -24,6 +24,11 @@ FRONT_COLOR = "#c0392b"
 JPEG_QUALITY = 88
 PALETTE_MAX_MEAN_ERROR = 1.0  # grey levels (of 255), averaged over pixels and channels
 MIN_FONT_PT = 7  # 7 pt at DPI 110 is 10.7 px on screen at 100% zoom
+MAX_FIGURE_PX = 1140  # within the report's column (render.PAGE_COLUMN_PX): shown at 100%, never shrunk
+# Every figure image states the font size of its smallest text, in the image's own pixels (pt * dpi / 72),
+# under this key: a PNG text chunk, or a JPEG comment "key=value". A browser cannot measure text in a raster
+# image; with this and the width the image is shown at, the size the reader sees can be computed.
+SMALLEST_TEXT_KEY = "histotoken:smallest-text-px"
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -32,44 +37,116 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def figure_to_png(figure: Figure) -> bytes:
-    """A plot as a palette PNG: plots hold few colours, so 256 cost nothing visible and a third of the bytes."""
+class _TextSizeRenderer(RendererAgg):
+    """The Agg renderer, noting the size (points) of every non-empty text it draws."""
+
+    def __init__(self, width: float, height: float, dpi: float) -> None:
+        super().__init__(width, height, dpi)
+        self.text_points: list[float] = []
+
+    def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        if s.strip():
+            self.text_points.append(float(prop.get_size_in_points()))
+        return super().draw_text(gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+
+class _TextSizeCanvas(FigureCanvasAgg):
+    """An Agg canvas whose renderer records the text it draws (what was drawn, not what exists:
+    tick labels of a hidden axis or a panel switched off do not count)."""
+
+    def get_renderer(self) -> _TextSizeRenderer:
+        width, height = self.figure.bbox.size
+        key = (width, height, self.figure.dpi)
+        if getattr(self, "_text_key", None) != key:
+            self._text_renderer = _TextSizeRenderer(width, height, self.figure.dpi)
+            self._text_key = key
+        return self._text_renderer
+
+
+def render_png(figure: Figure, dpi: float = DPI) -> tuple[bytes, float | None]:
+    """The figure as PNG bytes, and the font size of its smallest drawn text in image pixels (None: no text)."""
+    canvas = _TextSizeCanvas(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    return compress_image(buffer.getvalue(), photographic=False)[0]
+    figure.savefig(buffer, format="png", dpi=dpi)
+    points = canvas._text_renderer.text_points  # the renderer savefig drew with (at ``dpi``)
+    return buffer.getvalue(), (min(points) * dpi / 72.0 if points else None)
+
+
+def figure_to_png(figure: Figure, dpi: float = DPI) -> bytes:
+    """A plot as a palette PNG: plots hold few colours, so 256 cost nothing visible and a third of the bytes.
+    The PNG states its smallest text size (``SMALLEST_TEXT_KEY``)."""
+    data, smallest = render_png(figure, dpi)
+    return compress_image(data, photographic=False, smallest_text_px=smallest)[0]
 
 
 def figure_to_jpeg(figure: Figure) -> bytes:
-    """A figure of photographs (e.g. the dataset preview) as JPEG."""
+    """A figure of photographs (e.g. the dataset preview) as JPEG, stating its smallest text size."""
+    data, smallest = render_png(figure)
+    return compress_image(data, photographic=True, smallest_text_px=smallest)[0]
+
+
+def state_smallest_text(png: bytes, smallest_text_px: float | None) -> bytes:
+    """The same PNG (pixels untouched), stating its smallest text size under ``SMALLEST_TEXT_KEY``."""
+    from PIL import Image, PngImagePlugin
+
+    if smallest_text_px is None:
+        return png
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SMALLEST_TEXT_KEY, f"{smallest_text_px:.2f}")
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    return compress_image(buffer.getvalue(), photographic=True)[0]
+    with Image.open(io.BytesIO(png)) as opened:
+        opened.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
-def compress_image(data: bytes, photographic: bool | None = None) -> tuple[bytes, str]:
+def smallest_text_px(data: bytes) -> float | None:
+    """The ``SMALLEST_TEXT_KEY`` an image states (PNG text chunk or JPEG comment), in its own pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as opened:
+        text = getattr(opened, "text", {}) if opened.format == "PNG" else {}
+        value = text.get(SMALLEST_TEXT_KEY)
+        comment = opened.info.get("comment", b"")
+    if value is None and isinstance(comment, bytes) and comment.startswith(SMALLEST_TEXT_KEY.encode() + b"="):
+        value = comment.split(b"=", 1)[1].decode("ascii")
+    return float(value) if value not in (None, "") else None
+
+
+def compress_image(data: bytes, photographic: bool | None = None,
+                   smallest_text_px: float | None = None) -> tuple[bytes, str]:
     """Re-encode a PNG smaller where that costs nothing visible; returns (bytes, extension).
 
     Plots (``photographic=False``) become palette PNGs (Pillow's median-cut quantisation to 256
     colours, no dithering). Photographs (``True``) become JPEG at quality ``JPEG_QUALITY``. With
     ``None`` (a PNG written by another command), the palette is kept when its mean error is at most
     ``PALETTE_MAX_MEAN_ERROR`` grey levels, else JPEG. The original is kept when it is already smaller.
+    The smallest text size (``smallest_text_px``, else the one ``data`` states) travels with the image.
     """
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     with Image.open(io.BytesIO(data)) as opened:
         rgb = opened.convert("RGB")
-    candidates: list[tuple[bytes, str]] = [(data, "png")]
+        stated = opened.text.get(SMALLEST_TEXT_KEY) if opened.format == "PNG" else None
+    if smallest_text_px is None and stated:
+        smallest_text_px = float(stated)
+    png_info, jpeg_comment = None, {}
+    if smallest_text_px is not None:
+        png_info = PngImagePlugin.PngInfo()
+        png_info.add_text(SMALLEST_TEXT_KEY, f"{smallest_text_px:.2f}")
+        jpeg_comment = {"comment": f"{SMALLEST_TEXT_KEY}={smallest_text_px:.2f}".encode("ascii")}
+    # the original stays a candidate unless it would lose the statement of its text size
+    candidates: list[tuple[bytes, str]] = [(data, "png")] if smallest_text_px is None or stated else []
     if photographic is not True:
         palette = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
         error = np.abs(np.asarray(palette.convert("RGB"), dtype=np.int16) - np.asarray(rgb, dtype=np.int16))
         if photographic is False or float(error.mean()) <= PALETTE_MAX_MEAN_ERROR:
             buffer = io.BytesIO()
-            palette.save(buffer, format="PNG", optimize=True)
+            palette.save(buffer, format="PNG", optimize=True, pnginfo=png_info)
             candidates.append((buffer.getvalue(), "png"))
             photographic = False
     if photographic is not False:
         buffer = io.BytesIO()
-        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True, **jpeg_comment)
         candidates.append((buffer.getvalue(), "jpg"))
     return min(candidates, key=lambda candidate: len(candidate[0]))
 
@@ -89,7 +166,7 @@ def cross_domain_heatmaps(matrices: Mapping[str, pd.DataFrame], metric_label: st
     n_columns = min(n_panels, 3)
     n_rows = math.ceil(n_panels / n_columns)
     size = max(max(matrix.shape) for matrix in matrices.values())
-    panel = 0.9 + 0.7 * size  # three panels side by side stay within the page column (1,140 px)
+    panel = 0.9 + 0.7 * size  # three panels side by side stay within MAX_FIGURE_PX
     figure = new_figure(panel * n_columns + 0.9, panel * n_rows + 0.3)
     axes = np.atleast_1d(figure.subplots(n_rows, n_columns, squeeze=False).ravel())
     image = None

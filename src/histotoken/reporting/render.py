@@ -28,8 +28,9 @@ from histotoken.reporting.blocks import (
 )
 from histotoken.reporting.formatting import MISSING
 
+PAGE_COLUMN_PX = 1180  # the body's width at most: a figure wider than this is shown shrunk
 CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1180px;
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: """ + str(PAGE_COLUMN_PX) + """px;
        margin: 1.2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { font-size: 1.5em; margin: .3em 0; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 h3 { margin-top: 1.4em; } h4 { margin-bottom: .3em; }

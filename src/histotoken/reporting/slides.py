@@ -12,7 +12,6 @@ title and the threshold paragraph.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -60,22 +59,26 @@ def slide_figure(left: Path, right: Path, titles: tuple[str, str]):
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5.6))
-    for axis, path, title in zip(axes, (left, right), titles):
+    pictures = [plt.imread(path) if path.is_file() else None for path in (left, right)]
+    # as tall as the pictures need at 4.7 in wide each (no band of white above and below a wide slide),
+    # plus the titles and the legend
+    aspect = max((picture.shape[0] / picture.shape[1] for picture in pictures if picture is not None), default=0.6)
+    figure, axes = plt.subplots(1, 2, figsize=(11, min(9.0, max(3.2, 4.7 * aspect + 1.5))), layout="constrained")
+    for axis, picture, path, title in zip(axes, pictures, (left, right), titles):
         axis.set_title(title, fontsize=11)
         axis.axis("off")
-        if path.is_file():
-            axis.imshow(plt.imread(path))
+        if picture is not None:
+            axis.imshow(picture)
         else:
             axis.text(0.5, 0.5, f"{path.name} is missing", ha="center", va="center")
     handles = [Patch(facecolor="none", edgecolor=tuple(c / 255 for c in colour), linewidth=2, label=meaning)
                for meaning, colour in outline_legend()]
-    figure.legend(handles=handles, loc="lower center", ncol=3, fontsize=10, frameon=False, title="outlines")
+    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=10, frameon=False,
+                  title="outlines", title_fontsize=10)
     colour_bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[HEATMAP_COLORMAP]), ax=axes[1],
-                                 fraction=0.046, pad=0.03)
+                                 shrink=0.9, aspect=25, pad=0.02)
     colour_bar.set_label(PROBABILITY_LABEL, fontsize=10)
     colour_bar.ax.tick_params(labelsize=10)
-    figure.subplots_adjust(left=0.02, right=0.93, top=0.93, bottom=0.2, wspace=0.08)
     return figure
 
 
@@ -83,11 +86,12 @@ def side_by_side(left: Path, right: Path, titles: tuple[str, str]) -> bytes:
     """:func:`slide_figure` as PNG bytes."""
     import matplotlib.pyplot as plt
 
+    from histotoken.reporting.plots import render_png, state_smallest_text
+
     figure = slide_figure(left, right, titles)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
+    png, smallest = render_png(figure, dpi=90)  # the PNG states its smallest text (for the readability test)
     plt.close(figure)
-    return buffer.getvalue()
+    return state_smallest_text(png, smallest)
 
 
 def read_prediction(out_dir: Path) -> dict:

@@ -35,9 +35,10 @@ FIGURE_TEXT = {
     ),
     "outcomes": (
         "Most confident correct images and most confident errors per class ({method}).",
-        "Rows are classes; TP is the most confident correct image of the class, FP the most confident image "
-        "wrongly called this class, FN the most confident image of this class called something else "
-        "(predicted class and probability below each). Grey cells: no such image.",
+        "Each panel is titled with a class and an outcome: TP is the most confident correct image of the class, "
+        "FP the most confident image wrongly called this class, FN the most confident image of this class called "
+        "something else; the second line gives the predicted class and its probability. A class and outcome "
+        "without such an image among the explained ones has no panel.",
     ),
     "token_maps": (
         "Where each learned token of the TokenLearner pools from.",
