@@ -62,6 +62,9 @@ class RunConfig:
     strategy: str = "auto"  # Lightning strategy: auto, ddp (torchrun and SLURM are detected), ...
     num_nodes: int = 1
     num_workers: int = 0
+    # last.ckpt at most this often (0: every epoch); an interruption or error still writes the last finished
+    # epoch, so only a kill -9 can lose up to this much training
+    checkpoint_interval_s: float = 60.0
     seed: int = 0
     pretrained: bool = False
     weights: str | None = None

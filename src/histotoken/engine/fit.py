@@ -38,7 +38,9 @@ from histotoken.io import atomic_write_json, atomic_write_text, read_json
 logger = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change its results).
-RESUMABLE_DIFFERENCES = {"devices", "accelerator", "strategy", "num_nodes", "num_workers", "logger", "logger_uri"}
+RESUMABLE_DIFFERENCES = {
+    "devices", "accelerator", "strategy", "num_nodes", "num_workers", "logger", "logger_uri", "checkpoint_interval_s",
+}
 
 
 @dataclasses.dataclass
@@ -264,9 +266,10 @@ def _train(config: RunConfig, paths: RunPaths, L, progress_bar: bool | None, ext
             from histotoken.engine.callbacks import save_weights
 
             save_weights(model, paths.stage_weights(stage))
-            paths.last_ckpt.unlink(missing_ok=True)  # last.ckpt always belongs to the unfinished stage
         trainer.strategy.barrier("stage-end")  # every process sees the best/stage weights before going on
         status = write_status(paths, stages_done=sorted({*status.get("stages_done", []), stage}))
+        if trainer.is_global_zero:  # last.ckpt only ever belongs to an unfinished stage (removed once it is done)
+            paths.last_ckpt.unlink(missing_ok=True)
 
     best = read_json(paths.best_meta)
     from histotoken.engine.evaluate import evaluate_run
@@ -332,22 +335,27 @@ def _class_weights(store, names, column) -> torch.Tensor:
 
 
 def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accelerator, precision, show_bar, extra_callbacks):
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-    from histotoken.engine.callbacks import BestWeightsSaver, EpochMetricsWriter, EpochProgressBar
+    from histotoken.engine.callbacks import (
+        BestWeightsSaver,
+        EpochMetricsWriter,
+        EpochProgressBar,
+        LastCheckpoint,
+    )
 
+    best = BestWeightsSaver(paths.checkpoints, metadata, stage) if final_stage else None
+    last = LastCheckpoint(paths.last_ckpt, config.checkpoint_interval_s, best)
     callbacks = [
         *([EpochProgressBar()] if show_bar else []),
-        ModelCheckpoint(
-            dirpath=paths.checkpoints, filename=paths.last_ckpt.stem, save_top_k=1, monitor=None,
-            enable_version_counter=False,
-        ),
-        EpochMetricsWriter(paths.metrics, stage),
+        # metrics.csv's row, then last.ckpt (kept or written): a kill -9 between the two re-runs the epoch
+        EpochMetricsWriter(paths.metrics, stage, after_row=last.epoch_end),
+        last,
         *extra_callbacks,
     ]
-    if final_stage:
-        callbacks.append(BestWeightsSaver(paths.checkpoints, metadata, stage))
+    if best is not None:
+        callbacks.append(best)
         callbacks.append(EarlyStopping(monitor=VAL_MACRO_F1, mode="max", patience=config.early_stopping_patience))
     from histotoken.engine.inference import route_lightning_logging
 
@@ -362,8 +370,8 @@ def _make_trainer(config, paths, L, stage, epochs, final_stage, metadata, accele
         gradient_clip_val=config.grad_clip or None,
         callbacks=callbacks,
         logger=make_logger(config, paths, stage),
-        # last.ckpt (weights + optimiser state, 134 MB for ResNet-18) is written every epoch so that a
-        # kill loses at most one; a background thread writes it (atomically) while training goes on.
+        # last.ckpt (weights + optimiser state, 134 MB for ResNet-18) is written by a background thread
+        # (atomically) while training goes on; see LastCheckpoint for when.
         plugins=[AsyncCheckpointIO()],
         default_root_dir=paths.root,
         enable_progress_bar=show_bar,
