@@ -65,7 +65,7 @@ def main() -> None:
     from histotoken.engine.precision import resolve_precision
     from histotoken.models.factory import create_model
 
-    configure_logging(verbose=False, trains=True)  # Lightning's start-up chatter off, as in the CLI
+    configure_logging(verbose=False)  # Lightning's start-up chatter off, as in the CLI
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)

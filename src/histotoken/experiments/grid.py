@@ -262,11 +262,18 @@ def _train_and_evaluate(spec: StudySpec, study_dir: Path, run: PlannedRun, split
         if paths.status.is_file() and read_json(paths.status).get("state") == formats.STATE_FAILED:
             logger.info("retrying %s, which failed before", run.run_id)
         config = run.config(spec, splits_csv)
-        train(config, paths.root, progress_bar=False)
+        if run.probe:  # frozen features + a scikit-learn probe: the path of `train --probe`
+            from histotoken.features.probe import ProbeSettings, evaluate_probe, train_probe
+
+            train_probe(config, paths.root, ProbeSettings(kind=run.probe), img_size=config.img_size)
+            evaluate = evaluate_probe
+        else:
+            train(config, paths.root, progress_bar=False)
+            evaluate = evaluate_run
         for domain in spec.test_domains:
             if not paths.eval_file(domain).is_file():
-                evaluate_run(paths.root, domain, n_bootstrap=config.bootstrap)
-        if spec.explain:
+                evaluate(paths.root, domain, n_bootstrap=config.bootstrap)
+        if spec.explain and not run.probe:  # a probe keeps no network weights to explain
             from histotoken.explain.run import explain_after_evaluation
 
             explain_after_evaluation(paths.root, spec.explain, default_domain=run.train_domain)

@@ -17,6 +17,7 @@ or folds, the shared training protocol and the efficiency-benchmark settings::
     protocol: {img_size: 224, epochs: 100, batch_size: 32, pretrained: true}
     efficiency: {batch_size: 32, rounds: 5}
     factors: {stain_norm: [none, macenko]}   # other settings to cross with the grid (see expand)
+    probes: [none, linear]          # frozen-feature probes (linear, knn, mlp) as a factor; none = fine-tune
     reference_model: deit_small_patch16_224   # paired differences in the report (default: the first model)
     launcher: {partition: gpu, gpus_per_task: 1, timeout_min: 720, mem_gb: 32, cpus_per_task: 8}
 
@@ -45,7 +46,9 @@ SPEC_KEYS = {
     "factors",  # run settings crossed with the grid, e.g. {stain_norm: [none, macenko]}
     "data_format", "groups",  # kind of data folder (default auto) and an ImageFolder's image -> group CSV
     "explain",  # explanations of every run after its evaluation (histotoken.explain.run.EXPLAIN_SPEC_KEYS)
+    "probes",  # probes on frozen features crossed with the grid: linear, knn, mlp, or none (= fine-tune)
 }
+FINE_TUNE = "none"  # the ``probes:`` value that means fine-tuning the whole model
 # Protocol keys the grid sets itself, per run.
 PER_RUN_KEYS = {"data", "model", "task", "train_domain", "splits", "seed", "fold", "folds", "data_format", "groups"}
 
@@ -70,6 +73,7 @@ class StudySpec:
     data_format: str = "auto"  # auto, breakhis, imagefolder, cifar10, tiles
     groups: str | None = None  # ImageFolder: CSV image,group
     explain: dict[str, Any] = dataclasses.field(default_factory=dict)  # empty: no explanations
+    probes: tuple[str, ...] = ()  # empty: fine-tune only, and run ids without a probe part
 
     @property
     def reference(self) -> str:
@@ -96,6 +100,7 @@ class StudySpec:
             "reference_model": self.reference_model,
             "launcher": dict(self.launcher),
             **({"explain": _explain_entry(self.explain)} if self.explain else {}),
+            **({"probes": list(self.probes)} if self.probes else {}),
         }
 
     def base_config(self) -> RunConfig:
@@ -115,14 +120,18 @@ class PlannedRun:
     fold: int | None
     split_name: str  # seed<N> or fold<I>
     settings: tuple[tuple[str, Any], ...] = ()  # this run's values of the spec's factors
+    probe: str | None = None  # linear, knn or mlp: a probe on frozen features (features.probe); None: fine-tune
 
     def label(self, spec: StudySpec) -> str:
-        """The model label in study tables, with the factors that vary: ``resnet18 [stain_norm=macenko]``.
+        """The model label in study tables, with the probe and the factors that vary:
+        ``resnet18 [probe=linear]``, ``resnet18 [stain_norm=macenko]``.
 
         Runs that differ only by a factor are different arms of the study, so every table that groups
         by model keeps them apart. (Efficiency is a property of the model alone: ``model_label``.)
         """
         varying = [(key, value) for key, value in self.settings if len(spec.factors.get(key, ())) > 1]
+        if self.probe:
+            varying.insert(0, ("probe", self.probe))
         if not varying:
             return self.model.label
         return f"{self.model.label} [{', '.join(f'{key}={value}' for key, value in varying)}]"
@@ -199,6 +208,7 @@ def spec_from_dict(
         protocol=protocol,
         efficiency=dict(raw.get("efficiency") or {}),
         factors=_factors(raw.get("factors"), protocol, source),
+        probes=_probes(raw.get("probes"), source),
         reference_model=_reference_label(raw.get("reference_model"), source),
         launcher=dict(raw.get("launcher") or {}),
         data_format=str(data_format or raw.get("data_format") or "auto"),
@@ -279,6 +289,33 @@ def _factors(raw: Any, protocol: dict[str, Any], source: str) -> dict[str, tuple
     return factors
 
 
+def _probes(raw: Any, source: str) -> tuple[str, ...]:
+    """``probes:`` as a tuple of probe kinds and ``none`` (fine-tuning), in the spec's order."""
+    from histotoken.features.probe import PROBES
+
+    if raw is None:
+        return ()
+    values = [raw] if isinstance(raw, str) else raw
+    known = (FINE_TUNE, *PROBES)
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{source}: 'probes' must list at least one of {', '.join(known)}, e.g. probes: [none, linear]")
+    probes = tuple("none" if value is None or value is False else str(value).lower() for value in values)
+    unknown = [value for value in probes if value not in known]
+    if unknown:
+        raise ValueError(f"{source}: unknown probe(s) {unknown} in 'probes'; choose from {', '.join(known)} "
+                         "(none = fine-tune the whole model)")
+    if len(set(probes)) != len(probes):
+        raise ValueError(f"{source}: 'probes' lists a value twice: {list(probes)}")
+    return probes
+
+
+def _probe_levels(spec: StudySpec) -> list[tuple[str | None, str]]:
+    """(probe or None for fine-tuning, run-id part) for each value of ``probes:`` (fine-tuning alone without it)."""
+    if not spec.probes:
+        return [(None, "")]
+    return [(None, "__finetune") if probe == FINE_TUNE else (probe, f"__probe-{probe}") for probe in spec.probes]
+
+
 def _factor_levels(spec: StudySpec) -> list[tuple[tuple[str, Any], ...]]:
     """Every combination of the factors' values, in the order the spec lists them."""
     keys = list(spec.factors)
@@ -291,7 +328,7 @@ def _factor_suffix(settings: tuple[tuple[str, Any], ...], spec: StudySpec) -> st
 
 
 def expand(spec: StudySpec) -> list[PlannedRun]:
-    """Every (model, task, train domain, factor values, seed or fold) combination, in a stable order."""
+    """Every (model, task, train domain, probe, factor values, seed or fold) combination, in a stable order."""
     if spec.folds:
         partitions = [(spec.seeds[0], fold, f"fold{fold}") for fold in range(int(spec.folds))]
     else:
@@ -301,10 +338,12 @@ def expand(spec: StudySpec) -> list[PlannedRun]:
         for task in spec.tasks:
             for model in spec.models:
                 for domain in spec.train_domains:
-                    for settings in _factor_levels(spec):
-                        suffix = _factor_suffix(settings, spec)
-                        run_id = safe_name(f"{model.label}__{task}__train{domain}{suffix}__{split_name}")
-                        runs.append(PlannedRun(run_id, model, task, domain, seed, fold, split_name, settings))
+                    for probe, probe_part in _probe_levels(spec):
+                        for settings in _factor_levels(spec):
+                            suffix = probe_part + _factor_suffix(settings, spec)
+                            run_id = safe_name(f"{model.label}__{task}__train{domain}{suffix}__{split_name}")
+                            runs.append(PlannedRun(run_id, model, task, domain, seed, fold, split_name, settings,
+                                                   probe))
     return runs
 
 

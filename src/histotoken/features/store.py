@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,11 @@ def _strings(values: Sequence[Any]) -> np.ndarray:
 
 
 def _write_atomic(path: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
-    """One HDF5 file with ``datasets`` and ``attrs``, written to ``<path>.tmp`` and renamed."""
+    """One HDF5 file with ``datasets`` and ``attrs``, written to ``<path>.<pid>.<random>.tmp`` and renamed (grid workers
+    that embed the same features at once each write their own temporary file; the last rename wins)."""
     h5py = _h5py()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with h5py.File(tmp, "w") as handle:
         for name, values in datasets.items():
             if values.dtype == object:

@@ -200,6 +200,33 @@ def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
+def seed_spread_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Cells (model x task x train domain x test domain) with several seeds or folds: for each metric the
+    mean over seeds (``<metric>``) and their standard deviation with ddof=1 (``<metric>_sd``), as eva reports.
+
+    The model label carries the probe (``resnet18 [probe=linear]``), so probe and fine-tuned arms are
+    separate rows. Columns: ``model, task, train_domain, test_domain, n_seeds`` and the metric columns.
+    """
+    keys = ["model", "task", "train_domain", "test_domain"]
+    several = summary[summary["n_seeds"] > 1]
+    rows = []
+    for key, group in several.groupby(keys, sort=False):
+        row: dict[str, Any] = dict(zip(keys, key))
+        row["n_seeds"] = int(group["n_seeds"].max())
+        by_metric = group.set_index("metric")
+        for metric in METRICS:
+            found = metric in by_metric.index
+            row[metric] = by_metric.at[metric, "value"] if found else np.nan
+            row[f"{metric}_sd"] = by_metric.at[metric, "sd"] if found else np.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    # test domains by magnification within each model and train domain (the sort below is stable)
+    table = table.iloc[sorted(range(len(table)), key=lambda i: domain_sort_key(table["test_domain"].iloc[i]))]
+    return _sort_by_model_and_domain(table.reset_index(drop=True), summary)
+
+
 def in_domain_table(summary: pd.DataFrame) -> pd.DataFrame:
     """In-domain rows (test domain == train domain), one row per model x task x train domain.
 

@@ -13,6 +13,7 @@ from histotoken.reporting.sections import (
     in_domain,
     preview,
     runs,
+    seeds,
     setup,
     statistics,
     summary,
@@ -24,6 +25,7 @@ SECTIONS: tuple[ReportSection, ...] = (
     preview.SECTION,
     setup.SECTION,
     in_domain.SECTION,
+    seeds.SECTION,  # mean ± SD where a cell has several seeds
     cross_domain.SECTION,
     statistics.SECTION,
     cost.SECTION,
