@@ -24,8 +24,29 @@ from histotoken.data.wsi.reader import Slide, open_slide
 logger = logging.getLogger(__name__)
 
 MAX_OPEN_SLIDES = 32  # per process; the least recently used handle is closed beyond this
+# Decoded slide tiles kept per process, shared by its open slides (OpenSlide's own cache holds 32 MiB per
+# slide: less than two rows of a 40,000 px slide's JPEG tiles, so reads in grid order decoded most tiles
+# twice). 256 MiB took tile reads in grid order from about 800 to 1,090 tiles/s per process.
+SLIDE_CACHE_MB = int(os.environ.get("HISTOTOKEN_SLIDE_CACHE_MB", "256"))
 
 _handles: OrderedDict[tuple[int, str], Slide] = OrderedDict()
+_caches: dict[int, object] = {}  # process id -> its openslide.OpenSlideCache
+
+
+def _process_cache():
+    """This process's tile cache (OpenSlide >= 4.0), or None where OpenSlide cannot share one."""
+    import openslide
+
+    if SLIDE_CACHE_MB <= 0 or not hasattr(openslide, "OpenSlideCache"):
+        return None
+    pid = os.getpid()
+    if pid not in _caches:
+        _caches.clear()  # a parent's cache is never shared across fork
+        try:
+            _caches[pid] = openslide.OpenSlideCache(SLIDE_CACHE_MB * 2**20)
+        except openslide.OpenSlideError:  # an OpenSlide library older than 4.0
+            _caches[pid] = None
+    return _caches[pid]
 
 
 def _slide(path: str | Path, mpp: float | None = None) -> Slide:
@@ -37,6 +58,9 @@ def _slide(path: str | Path, mpp: float | None = None) -> Slide:
             del _handles[stale]
         # The pixel size is not needed to read coordinates; a dummy lets slides without mpp open here.
         slide = open_slide(path, mpp=mpp if mpp is not None else 1.0)
+        cache = _process_cache()
+        if cache is not None and hasattr(slide.handle, "set_cache"):
+            slide.handle.set_cache(cache)
         _handles[key] = slide
         while len(_handles) > MAX_OPEN_SLIDES:
             _, oldest = _handles.popitem(last=False)

@@ -115,7 +115,7 @@ class Slide:
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} does not exist (the slide has {self.level_count} levels)")
         region = self.handle.read_region(location, level, size)  # PIL RGBA
-        if region.getextrema()[3][0] < 255:  # transparent pixels (outside the scanned area) become white
+        if region.getchannel("A").getextrema()[0] < 255:  # transparent pixels (outside the scanned area) become white
             region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
         return region.convert("RGB")
 
