@@ -136,3 +136,53 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
     assert json.loads(written.read_text()) == {"a": 1}
     assert (written.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
     assert [path.name for path in written.parent.iterdir()] == ["result.json"]  # no temporary left behind
+
+
+class WatchCheckpoint(L.Callback):
+    """Counts the checkpoints the trainer saves (written in the background, so the file's presence would race);
+    copies the weights at the end of ``keep_epoch`` (1-based); raises at the first batch of ``crash_epoch``."""
+
+    def __init__(self, keep_epoch: int, crash_epoch: int | None) -> None:
+        self.keep_epoch, self.crash_epoch = keep_epoch, crash_epoch
+        self.saves = 0
+        self.weights: dict | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        save = trainer.save_checkpoint
+
+        def counted(*args, **kwargs):
+            self.saves += 1
+            return save(*args, **kwargs)
+
+        trainer.save_checkpoint = counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.crash_epoch is not None and trainer.current_epoch + 1 == self.crash_epoch:
+            raise RuntimeError("simulated crash")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.keep_epoch:
+            self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.parametrize("interval_s, saves", [(0, 2), (3600, 0)])
+def test_last_checkpoint_is_written_on_its_interval_and_the_kept_one_on_a_crash(
+    synthetic_root, tmp_path, interval_s, saves
+):
+    run = tmp_path / "run"
+    watch = WatchCheckpoint(keep_epoch=2, crash_epoch=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(synthetic_root, checkpoint_interval_s=interval_s), run, extra_callbacks=[watch])
+    assert watch.saves == saves  # 0 s: after epochs 1 and 2; 3600 s: none while training went well
+    # whatever the interval, the crash leaves the checkpoint of the last finished epoch (2), whole
+    import torch
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 1  # Lightning counts from 0: epoch 2 finished
+    saved = checkpoint["state_dict"]
+    assert saved.keys() == watch.weights.keys()
+    for name, value in watch.weights.items():
+        assert torch.equal(saved[name], value), name
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["epoch"] in (1, 2) and (run / "checkpoints" / "best.safetensors").is_file()
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2]
