@@ -22,8 +22,17 @@ A marker file, OUT/histotoken_synthetic.json, records the parameters and marks t
 folder as synthetic; every output made from it says so. Re-running the same command
 completes an interrupted set and leaves a complete one untouched.
 
-Example:
+With --slides N it writes a SYNTHETIC SLIDE COHORT instead: N pyramidal TIFF slides
+(lymph-node-like sections, 6144x4608 px at 1 um/px by default) in OUT/slides/, slide labels and
+patient ids in OUT/slides.csv (slide,label,patient_id; every third patient has two slides), ASAP XML
+annotations of every tumour slide in OUT/annotations/, and OUT/cohort.json with each slide's stage
+and tumour deposits, from macro (> 2 mm) and micro (0.2-2 mm) metastasis size down to
+isolated-tumour-cell-like foci (< 0.2 mm), their areas and the slide's tumour area fraction.
+Ready for `histotoken tile OUT/slides/*.tif --annotations OUT/annotations --labels OUT/slides.csv`.
+
+Examples:
   histotoken synth data/synthetic --patients-per-class 3 --size 128x96
+  histotoken synth --slides 24 data/slide_cohort
 """
 
 
@@ -36,6 +45,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "out", metavar="OUT", type=Path, help="new or empty folder to write the data set into"
+    )
+    parser.add_argument(
+        "--slides",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="write a cohort of N synthetic pyramidal slides (labels, patients, ASAP annotations) instead",
+    )
+    parser.add_argument(
+        "--slide-size",
+        type=parse_slide_size,
+        default="6144x4608",
+        metavar="WxH",
+        help="with --slides: level-0 width x height in pixels at 1 um/px (default 6144x4608)",
     )
     parser.add_argument(
         "--patients-per-class",
@@ -80,6 +103,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.slides is not None:
+        return run_cohort(args)
     from tqdm.auto import tqdm
 
     from histotoken.data.synthetic import generate_synthetic_breakhis
@@ -123,18 +148,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cohort(args: argparse.Namespace) -> int:
+    from histotoken.data.wsi.cohort import CohortSettings, generate_cohort
+
+    settings = CohortSettings(n_slides=args.slides, size=args.slide_size, seed=args.seed)
+    summary = generate_cohort(args.out, settings, workers=args.workers)
+    width, height = settings.size
+    what = (f"{summary.n_slides} slides of {width}x{height} px at {settings.mpp} um/px, "
+            f"{summary.n_patients} patients")
+    if summary.created == 0:
+        print(f"{summary.out} already holds this synthetic slide cohort ({what}); nothing written.")
+    else:
+        print(f"synthetic slide cohort written: {what}; {summary.created} slides drawn in {summary.seconds:.1f} s")
+    print(f"cohort: {summary.out.resolve()}  (slides/, annotations/, slides.csv, cohort.json; synthetic, not pathology)")
+    return 0
+
+
+def parse_slide_size(text: str) -> tuple[int, int]:
+    """``'6144x4608'`` -> ``(6144, 4608)``: a slide's level-0 size (3200 to 40000 px a side)."""
+    return _width_height(text, 3200, 40000, "6144x4608", "--slide-size sides")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``'700x460'`` -> ``(700, 460)`` (width, height)."""
     from histotoken.data.synthetic import MAX_SIDE, MIN_SIDE
 
+    return _width_height(text, MIN_SIDE, MAX_SIDE, "700x460", "width and height")
+
+
+def _width_height(text: str, low: int, high: int, example: str, what: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").split("x")
     if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels such as 700x460, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels such as {example}, got {text!r}")
     width, height = (int(part) for part in parts)
-    if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
-        raise argparse.ArgumentTypeError(
-            f"width and height must be from {MIN_SIDE} to {MAX_SIDE} pixels, got {text!r}"
-        )
+    if min(width, height) < low or max(width, height) > high:
+        raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high} pixels, got {text!r}")
     return width, height
 
 

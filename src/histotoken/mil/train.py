@@ -12,7 +12,8 @@ patients from ``histotoken.stats`` (``auroc_interval``, ``bootstrap_intervals``,
 
 Run folder: ``config.json``, ``split.csv``, ``model.safetensors``, ``metrics.json`` (training loss
 per epoch), ``eval.json`` (test metrics, intervals, notes, cost), ``predictions.csv`` (one row per
-test slide with its cost) and ``importance/<slide>.csv`` (x, y, importance per tile).
+test slide with its cost), ``importance/<slide>.csv`` (x, y, importance per tile) and
+``heatmaps/<slide>.png`` (the importance over the slide's thumbnail, :mod:`histotoken.mil.heatmaps`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from histotoken.mil.data import (
     slide_bags,
     subset_indices,
 )
+from histotoken.mil.heatmaps import write_heatmaps
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +161,10 @@ def slide_metrics(labels: Sequence[int], probabilities: Sequence[float], patient
     return result
 
 
-def split_by_patient(bags: Sequence[SlideBag], test_fraction: float = 0.25,
-                     seed: int = 0) -> tuple[list[SlideBag], list[SlideBag]]:
-    """Train and test slides with no patient on both sides, stratified by slide label (one group k-fold fold)."""
+def split_by_patient(bags: Sequence[SlideBag], test_fraction: float = 0.25, seed: int = 0,
+                     strata: Mapping[str, str] | None = None) -> tuple[list[SlideBag], list[SlideBag]]:
+    """Train and test slides with no patient on both sides, stratified by slide label (one group k-fold fold);
+    with ``strata`` (slide -> a finer class, e.g. the tumour stage) stratified by label and stratum."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0 < test_fraction < 1:
@@ -172,7 +175,8 @@ def split_by_patient(bags: Sequence[SlideBag], test_fraction: float = 0.25,
         raise ValueError(f"{len(set(patients))} patients cannot be split into train and test with test fraction "
                          f"{test_fraction}: label more slides, or raise --test-fraction")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_index, test_index = next(folds.split(np.zeros(len(bags)), [bag.label for bag in bags], patients))
+    classes = [f"{bag.label}/{(strata or {}).get(bag.slide, '')}" for bag in bags]
+    train_index, test_index = next(folds.split(np.zeros(len(bags)), classes, patients))
     return [bags[i] for i in train_index], [bags[i] for i in test_index]
 
 
@@ -186,6 +190,7 @@ def _write_evaluation(run_dir: Path, model: MILAggregator, test: Sequence[SlideB
     (run_dir / "importance").mkdir(exist_ok=True)
     for slide, frame in importance.items():
         frame.to_csv(run_dir / "importance" / f"{slide}.csv", index=False)
+    write_heatmaps(run_dir, {bag.slide: bag.path for bag in test}, importance)
     result = slide_metrics(table["label"], table["prob_tumor"], table["patient_id"], n_resamples, config["seed"])
     result["aggregator"] = config["aggregator"]
     result["cost"] = {
@@ -206,8 +211,9 @@ def _build(config: dict[str, Any]) -> MILAggregator:
 def train_run(features_dir: str | Path, labels_csv: str | Path, aggregator: str, out: str | Path,
               fit: FitConfig = FitConfig(), test_fraction: float = 0.25, chunk_size: int = 4096,
               n_resamples: int = stats.DEFAULT_RESAMPLES, aggregator_kwargs: dict[str, Any] | None = None,
-              ) -> dict[str, Any]:
-    """Split by patient, fit on the train slides, evaluate on the test slides; write the run folder."""
+              strata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Split by patient (stratified by label, and by ``strata`` when given), fit on the train slides, evaluate on
+    the test slides; write the run folder."""
     from safetensors.torch import save_file
 
     bags = slide_bags(features_dir, labels_csv)
@@ -215,9 +221,10 @@ def train_run(features_dir: str | Path, labels_csv: str | Path, aggregator: str,
     config = {"features": str(Path(features_dir).resolve()), "labels": str(Path(labels_csv).resolve()),
               "aggregator": aggregator, "aggregator_kwargs": aggregator_kwargs or {},
               "in_dim": int(attrs["feature_dim"]), "backbone": attrs.get("backbone"), "test_fraction": test_fraction,
-              "chunk_size": chunk_size, "n_resamples": n_resamples, **dataclasses.asdict(fit)}
+              "chunk_size": chunk_size, "n_resamples": n_resamples, "stratified_by_strata": strata is not None,
+              **dataclasses.asdict(fit)}
     model = _build(config)  # unknown names fail before any work
-    train, test = split_by_patient(bags, test_fraction, fit.seed)
+    train, test = split_by_patient(bags, test_fraction, fit.seed, strata)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -54,9 +54,6 @@ def slide_figure(left: Path, right: Path, titles: tuple[str, str]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
 
     pictures = [plt.imread(path) if path.is_file() else None for path in (left, right)]
@@ -75,11 +72,44 @@ def slide_figure(left: Path, right: Path, titles: tuple[str, str]):
                for meaning, colour in outline_legend()]
     figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=10, frameon=False,
                   title="outlines", title_fontsize=10)
-    colour_bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[HEATMAP_COLORMAP]), ax=axes[1],
-                                 shrink=0.9, aspect=25, pad=0.02)
-    colour_bar.set_label(PROBABILITY_LABEL, fontsize=10)
-    colour_bar.ax.tick_params(labelsize=10)
+    add_colour_bar(figure, PROBABILITY_LABEL, ax=axes[1])
     return figure
+
+
+def add_colour_bar(figure, label: str, ax=None, cax=None):
+    """The heatmaps' colour bar (``HEATMAP_COLORMAP`` from 0 to 1, labelled ``label``) beside ``ax`` or in ``cax``:
+    the one scale of every heatmap drawn by ``histotoken.data.wsi.thumbnails.heatmap``."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    placement = {"cax": cax} if cax is not None else {"ax": ax, "shrink": 0.9, "aspect": 25, "pad": 0.02}
+    colour_bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[HEATMAP_COLORMAP]), **placement)
+    colour_bar.set_label(label, fontsize=10)
+    colour_bar.ax.tick_params(labelsize=10)
+    return colour_bar
+
+
+def heatmap_with_colour_bar(picture, label: str, dpi: float = 100.0) -> bytes:
+    """A heatmap picture (RGB array or PIL image, e.g. from ``thumbnails.heatmap``) as PNG bytes with its colour bar
+    on the right: the picture's pixels are copied unscaled to the top-left corner (rows ``0:h``, columns ``0:w``
+    of the PNG are the picture), so the PNG can be read against the slide's thumbnail pixel by pixel."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from histotoken.reporting.plots import render_png, state_smallest_text
+
+    image = np.asarray(picture)
+    height, width = image.shape[:2]
+    bar_width, min_height = 120, 240  # pixels: room for the colour bar and its label at 10 pt
+    figure_height = max(height, min_height)
+    figure = Figure(figsize=((width + bar_width) / dpi, figure_height / dpi), dpi=dpi)  # no pyplot state
+    figure.figimage(image, xo=0, yo=figure_height - height, origin="upper")  # pixel for pixel, top-left
+    left = (width + 12) / (width + bar_width)
+    cax = figure.add_axes((left, 0.08, 16 / (width + bar_width), 0.84))
+    add_colour_bar(figure, label, cax=cax)
+    png, smallest = render_png(figure, dpi=dpi)
+    return state_smallest_text(png, smallest)
 
 
 def side_by_side(left: Path, right: Path, titles: tuple[str, str]) -> bytes:
