@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 
-.PHONY: install demo test test-extra lint bench clean
+.PHONY: install demo test test-extra test-slurm lint bench clean
 
 install: $(STAMP)
 
@@ -21,10 +21,13 @@ demo: $(STAMP)  ## synthetic BreakHis -> model grid -> report.html
 	$(BIN)/histotoken demo --out $(DEMO_OUT)
 
 test: $(STAMP)  ## the test suite (CPU, tiny images and models), in two processes of one thread each
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timm_suite and not inductor"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timm_suite and not inductor and not slurm"
 
 test-extra: $(STAMP)  ## slow checks CI also runs: timm's own model tests on our families, torch.compile (inductor)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "timm_suite or inductor"
+
+test-slurm: $(STAMP)  ## a grid on a real single-node SLURM (start it first: bash .ci/slurm.sh start; about 4 minutes)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm_real.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -22,6 +22,10 @@ Clusters and several machines:
                          and CPUs per task, unless given, what a node of the partition has (sinfo:
                          1 GPU if it has any, 8 CPUs or fewer). `launcher: {python: PATH}` picks the
                          nodes' interpreter. Waits and collects, or returns at once with --no-wait.
+                         A job at its time limit saves its run and requeues itself (at most
+                         --max-requeues times); the requeued job resumes from the last epoch. Jobs
+                         are polled with squeue: a cancelled job is seen within 10 s, and a grid whose
+                         jobs ended before their runs started exits 1 naming those runs.
   --launcher submitit-local   the same jobs as local processes, --parallel at a time (default 2).
   --shard I/N            run only runs I, I+N, I+2N, ... of the run list sorted by run id
                          (0 <= I < N), e.g. one Kubernetes indexed job or one machine each.
@@ -70,6 +74,8 @@ def add_parser(subparsers):
                          help="runs at once (slurm: array parallelism; submitit-local: default 2)")
     cluster.add_argument("--claim-timeout-min", type=float, metavar="MIN",
                          help="a claim without a heartbeat for this long is taken over (default 10)")
+    cluster.add_argument("--max-requeues", type=int, metavar="N",
+                         help="slurm: how often a run's job may requeue itself at its time limit (default 3)")
     return parser
 
 
@@ -84,7 +90,7 @@ def run(args) -> int:
     overrides = {
         "partition": args.partition, "gpus_per_task": args.gpus_per_task, "timeout_min": args.timeout_min,
         "mem_gb": args.mem_gb, "cpus_per_task": args.cpus_per_task, "parallel": args.parallel,
-        "claim_timeout_min": args.claim_timeout_min,
+        "claim_timeout_min": args.claim_timeout_min, "max_requeues": args.max_requeues,
     }
     settings = launcher_settings(spec.launcher, overrides, str(spec_path))
     if args.collect:
@@ -125,23 +131,45 @@ def launch(spec, args, runs, settings) -> int:
     pending = [run for run in runs if states[run.run_id] not in ("done", "claimed")]
     print(f"{len(runs) - len(pending)} runs done or claimed elsewhere; submitting {len(pending)} "
           f"({args.launcher})", flush=True)
-    ended = []
+    ended = {}
 
     def on_done(item, result, error) -> None:
-        ended.append(item)
+        ended[item.run.run_id] = (item.job_id, error)
         what = error or (result["outcome"] + (f": {result['error']}" if result.get("error") else ""))
         print(f"[{len(ended)}/{len(pending)}] job {item.job_id} {item.run.run_id}: {what}", flush=True)
 
     submitted = launch_runs(
         spec, args.out, pending, args.launcher, settings, wait=not args.no_wait,
         on_submit=lambda item: print(f"submitted job {item.job_id}: {item.run.run_id}", flush=True),
-        on_done=on_done,
+        on_done=on_done, on_stuck=lambda item, message: print(f"STUCK {message}", flush=True),
     )
     if args.no_wait:
         print(f"\n{len(submitted)} jobs submitted (logs in {args.out}/submitit). When they have ended:\n"
               f"  {collect_command(args)}")
         return 0
-    return print_outcome(collect_study(spec, args.out, build_report=not args.no_report))
+    outcome = collect_study(spec, args.out, build_report=not args.no_report)
+    code = print_outcome(outcome)
+    did_not_run = did_not_run_lines(outcome.runs, ended, settings, args.out)
+    for line in did_not_run:
+        print(line)
+    return 1 if did_not_run else code
+
+
+def did_not_run_lines(runs, ended: dict, settings, study_dir) -> list[str]:
+    """One line per submitted run that is still pending (never started) after its job ended, with the job's end."""
+    lines = []
+    for row in runs[runs["status"] == "pending"].itertuples():
+        if row.run_id not in ended:
+            continue
+        job_id, error = ended[row.run_id]
+        how = (error or "ended").split(":")[0]
+        hint = "re-run the same command to submit it again"
+        if how.startswith("TIMEOUT"):
+            hint = (f"the time limit (--timeout-min {settings.timeout_min}) ended it before the run started: "
+                    "give it more time")
+        lines.append(f"DID NOT RUN {row.run_id}: job {job_id} {how} before the run started "
+                     f"(log: {study_dir}/submitit/{job_id}); {hint}")
+    return lines
 
 
 RESUMABLE = {"partial": " (resumable)", "interrupted": " (resumable)"}

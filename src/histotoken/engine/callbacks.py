@@ -129,16 +129,29 @@ class EpochMetricsWriter(Checkpoint):
 
 
 @contextlib.contextmanager
-def signals_held(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT wait (blocked by the OS) and are delivered when it ends."""
+def signals_held(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)) -> Iterator[None]:
+    """Within the block, SIGTERM, SIGINT and SIGUSR2 (SLURM's time-limit warning, on which a grid job
+    requeues itself: experiments/launch.py) wait, and reach their own handlers when it ends.
+
+    Held by Python handlers that only take note, not by the thread's signal mask: the kernel gives a
+    signal sent to the process to any thread that does not block it (a claim's heartbeat, a loader
+    thread), and Python then runs the main thread's handler at once, inside the block.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    arrived: list[int] = []
+    held = {signum: signal.getsignal(signum) for signum in signals}
+    held = {signum: handler for signum, handler in held.items() if handler is not None}  # None: not ours to swap
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: arrived.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 def keep(buffer: Any, value: Any) -> Any:

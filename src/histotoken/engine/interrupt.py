@@ -7,6 +7,10 @@ main thread. It derives from ``BaseException`` (like ``KeyboardInterrupt``) so t
 ``sys.exit(1)``. The training code marks the run ``interrupted`` (its last.ckpt from the last
 finished epoch stays resumable), and the command line exits with 128 + the signal number (130 for
 SIGINT, 143 for SIGTERM) after one line that says how to resume.
+
+A SLURM job requeued at its time limit (:class:`histotoken.experiments.launch.RunJob`) is leaving on
+purpose; :func:`stop_raising` keeps the SIGTERM that the requeue sends from interrupting the
+clean-up that saves the run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,19 @@ class RunInterrupted(BaseException):
         return 128 + self.signum
 
 
+_leaving = False  # set by stop_raising(): the process is already on its way out
+
+
+def stop_raising() -> None:
+    """From now on the signals of :func:`interruptible` are ignored: the process is already leaving
+    (e.g. requeued), and a second signal must not cut short the writes that keep the run resumable."""
+    global _leaving
+    _leaving = True
+
+
 def _raise(signum: int, frame) -> None:
+    if _leaving:
+        return
     raise RunInterrupted(signum)
 
 

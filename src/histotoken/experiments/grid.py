@@ -226,14 +226,16 @@ def run_grid(
 def execute_run(
     spec: StudySpec, study_dir: Path, run: PlannedRun, splits_csv: Path,
     claim_timeout_s: float = locks.DEFAULT_STALE_AFTER_S,
+    claim_token: str | None = None, claim_details: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Claim one run, train/evaluate it unless it is done, release it.
 
     A KeyboardInterrupt (or any BaseException, such as the engine's interruption on SIGTERM) is
     re-raised after the claim is released, so the caller stops instead of moving on.
+    ``claim_token``/``claim_details``: see :func:`locks.claim_run` (a requeued SLURM job's own claim).
     """
     run_dir = StudyPaths(Path(study_dir)).run_dir(run.run_id)
-    claim = locks.claim_run(run_dir, claim_timeout_s)
+    claim = locks.claim_run(run_dir, claim_timeout_s, token=claim_token, details=claim_details)
     if claim is None:
         logger.info("%s is claimed by another worker; skipping it", run.run_id)
         return RunOutcome(run.run_id, "claimed")

@@ -21,6 +21,10 @@ claims the run folder:
   ``os.link`` (which never overwrites) - then claim with ``O_EXCL`` as usual.
 * ``RUN_DIR/attempts.jsonl`` gets one line per claim that went on to work on the run, written
   only by the claim's holder, so the run's history of workers is in its own folder.
+* **Kept claims** (SLURM requeue): a job requeued at its time limit leaves its claim in place
+  (:func:`keep`), and the requeued job, which carries the same ``token``, takes it back
+  (``claim_run(..., token=TOKEN)``) even while it is not stale, so no other worker starts the run
+  in between; until then the claim ages like any other and is taken over once it is stale.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from histotoken.formats import RunPaths
 logger = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER_S = 600.0
+_KEPT_TOKENS: set[str] = set()  # claims that release() leaves in place (their job was requeued)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +59,10 @@ class Claim:
     pid: int
     started: float
     token: str
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. job_id, requeues
 
     def record(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "started": self.started, "token": self.token}
+        return {"host": self.host, "pid": self.pid, "started": self.started, "token": self.token, **self.details}
 
 
 def heartbeat_interval(stale_after_s: float) -> float:
@@ -105,28 +111,46 @@ def active_claim(run_dir: str | Path, stale_after_s: float = DEFAULT_STALE_AFTER
     return found[0]
 
 
-def claim_run(run_dir: str | Path, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> Claim | None:
-    """Claim a run folder atomically; None when another worker holds a claim that is not stale."""
+def claim_run(run_dir: str | Path, stale_after_s: float = DEFAULT_STALE_AFTER_S, token: str | None = None,
+              details: dict[str, Any] | None = None) -> Claim | None:
+    """Claim a run folder atomically; None when another worker holds a claim that is not stale.
+
+    ``token``: the claim's identity; a claim left with the same token (:func:`keep`, by an earlier
+    start of the same requeued job) is taken back even when it is not stale. ``details`` are
+    written into claim.json and attempts.jsonl with the claim (e.g. the SLURM job id).
+    """
     path = RunPaths(Path(run_dir)).claim
     path.parent.mkdir(parents=True, exist_ok=True)
-    claim = Claim(path, socket.gethostname(), os.getpid(), time.time(), uuid.uuid4().hex)
+    claim = Claim(path, socket.gethostname(), os.getpid(), time.time(), token or uuid.uuid4().hex, dict(details or {}))
     if _create_exclusive(path, claim):
         return claim
     found = read_claim(run_dir)
     if found is None:  # released between our attempt and the read: try once more
         return claim if _create_exclusive(path, claim) else None
     record, heartbeat = found
-    if not is_stale(record, heartbeat, stale_after_s):
+    own = token is not None and record.get("token") == token
+    if not own and not is_stale(record, heartbeat, stale_after_s):
         return None
     if not _break_stale(path, record):
         return None
-    logger.warning("took over a stale claim on %s (host %s, pid %s)", path.parent, record.get("host"),
-                   record.get("pid"))
+    if own:
+        logger.info("took back the claim on %s kept by an earlier start of this job", path.parent)
+    else:
+        logger.warning("took over a stale claim on %s (host %s, pid %s)", path.parent, record.get("host"),
+                       record.get("pid"))
     return claim if _create_exclusive(path, claim) else None
 
 
+def keep(token: str) -> None:
+    """Make :func:`release` leave the claim with this token in place (its job was requeued and takes it back)."""
+    _KEPT_TOKENS.add(token)
+
+
 def release(claim: Claim) -> None:
-    """Delete the claim file if it is still ours."""
+    """Delete the claim file if it is still ours (and not kept for a requeued job)."""
+    if claim.token in _KEPT_TOKENS:
+        logger.info("leaving the claim on %s for the requeued job", claim.path.parent)
+        return
     found = read_claim(claim.path.parent)
     if found is not None and found[0].get("token") == claim.token:
         claim.path.unlink(missing_ok=True)
