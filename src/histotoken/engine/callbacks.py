@@ -261,7 +261,11 @@ class LastCheckpoint(L.Callback):
         self._last_write = time.monotonic()
 
     def epoch_end(self, trainer: L.Trainer) -> None:
-        if time.monotonic() - self._last_write >= self.interval_s:
+        due = time.monotonic() - self._last_write >= self.interval_s
+        # every process must take the same branch (trainer.save_checkpoint waits for all): the first decides
+        if trainer.world_size > 1:
+            due = trainer.strategy.broadcast(due, src=0)
+        if due:
             if self.best is not None:
                 self.best.flush(trainer)
             trainer.save_checkpoint(self.path)
