@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -215,3 +216,15 @@ def collect_figures(sections: list[Section]) -> list[FigureBlock]:
         visit(section.blocks)
     return found
 
+
+def write_report(folder: Path, title: str, sections: list[Section], banner: str | None) -> Path:
+    """FOLDER/report.html (figures inlined), report.md and figures/*.png of ``sections``; the HTML's path."""
+    from histotoken.formats import REPORT_HTML
+    from histotoken.io import atomic_write_bytes, atomic_write_text
+
+    for figure in collect_figures(sections):
+        atomic_write_bytes(folder / FIGURES_DIR / figure.name, figure.png)
+    path = folder / REPORT_HTML
+    atomic_write_text(path.with_suffix(".md"), render_markdown(title, sections, banner))
+    atomic_write_text(path, render_html(title, sections, banner))
+    return path

@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from histotoken import formats
-from histotoken.io import atomic_write_bytes, atomic_write_text, read_json
+from histotoken.io import read_json
 from histotoken.reporting.blocks import FigureBlock, Note, Paragraph, Section, Table
 from histotoken.reporting.formatting import file_name, format_estimate, format_number
-from histotoken.reporting.render import collect_figures, render_html, render_markdown
+from histotoken.reporting.render import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +258,6 @@ def build_slide_report(out_dir: str | Path) -> Path:
     sections = slide_sections(out_dir)
     slides = list(pd.read_csv(out_dir / formats.SLIDE_SCORES, dtype={"slide": str}, keep_default_na=False)["slide"])
     title = report_title(out_dir, read_prediction(out_dir), slides)
-    for figure in collect_figures(sections):
-        atomic_write_bytes(out_dir / formats.FIGURES_DIR / figure.name, figure.png)
-    out = out_dir / formats.REPORT_HTML
-    atomic_write_text(out.with_suffix(".md"), render_markdown(title, sections, None))
-    atomic_write_text(out, render_html(title, sections, None))
+    out = write_report(out_dir, title, sections, None)
     logger.info("wrote %s", out)
     return out

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from histotoken import formats
-from histotoken.io import atomic_write_bytes, atomic_write_text, read_json
+from histotoken.io import read_json
 from histotoken.reporting.blocks import FigureBlock, Note, Paragraph, Section, Table
 from histotoken.reporting.formatting import file_name, format_estimate, format_number
-from histotoken.reporting.render import collect_figures, render_html, render_markdown
+from histotoken.reporting.render import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -358,10 +358,6 @@ def build_slides_study_report(out: str | Path) -> Path:
     if notes:
         sections[1].blocks.append(Note("Notes from the evaluation: " + " ".join(notes)))
     title = f"Slide study on a synthetic cohort: {len(runs)} aggregators, {len(manifest['slides'])} slides"
-    for block in collect_figures(sections):
-        atomic_write_bytes(out / formats.FIGURES_DIR / block.name, block.png)
-    path = out / formats.REPORT_HTML
-    atomic_write_text(path.with_suffix(".md"), render_markdown(title, sections, BANNER))
-    atomic_write_text(path, render_html(title, sections, BANNER))
+    path = write_report(out, title, sections, BANNER)
     logger.info("wrote %s", path)
     return path
