@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import stat
 import sys
 from pathlib import Path
 
@@ -31,26 +30,12 @@ from histotoken.experiments.launch import (
 )
 from histotoken.experiments.spec import expand, spec_from_dict
 from histotoken.formats import RunPaths, StudyPaths
-
-PROTOCOL = {"img_size": 32, "epochs": 1, "batch_size": 16, "precision": "32-true", "bootstrap": 20, "num_workers": 0}
+from tests import study_spec
+from tests.study_spec import write_script
 
 
 def spec_dict(data, **changes):
-    raw = {
-        "name": "cluster", "data": str(data), "tasks": ["subtype"], "models": ["resnet18"],
-        "train_domains": ["100", "400"], "test_domains": ["100"], "seeds": [0],
-        "protocol": PROTOCOL, "efficiency": {"batch_size": 2, "rounds": 1},
-    }
-    raw.update(changes)
-    return raw
-
-
-def write_script(folder: Path, name: str, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
+    return study_spec.spec_dict(data, **{"name": "cluster", **changes})
 
 
 def mark_interrupted(study: Path, run_id: str, signal_name: str = "SIGTERM") -> None:

@@ -19,18 +19,11 @@ from histotoken.experiments.grid import collect_study, run_grid, runs_table
 from histotoken.experiments.launch import launch_runs, launcher_settings, parse_shard, shard_runs
 from histotoken.experiments.spec import expand, spec_from_dict
 from histotoken.formats import RunPaths, StudyPaths
-
-PROTOCOL = {"img_size": 32, "epochs": 1, "batch_size": 16, "precision": "32-true", "bootstrap": 20, "num_workers": 0}
+from tests import study_spec
 
 
 def spec_dict(data, **changes):
-    raw = {
-        "name": "scale", "data": str(data), "tasks": ["subtype"], "models": ["resnet18"],
-        "train_domains": ["100", "400"], "test_domains": ["100"], "seeds": [0],
-        "protocol": PROTOCOL, "efficiency": {"batch_size": 2, "rounds": 1},
-    }
-    raw.update(changes)
-    return raw
+    return study_spec.spec_dict(data, **{"name": "scale", **changes})
 
 
 def attempts(run_dir: Path) -> list[dict]:
