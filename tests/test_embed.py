@@ -219,3 +219,42 @@ def test_merged_tile_extraction_records_the_comparison_and_differs_from_unmerged
         assert merged["features"].shape == plain["features"].shape
         assert not np.allclose(merged["features"][()], plain["features"][()])  # merging changed the features
         np.testing.assert_array_equal(merged["coords"][()], plain["coords"][()])
+
+
+def test_a_real_tissue_slide_is_tiled_and_embedded_tile_for_tile(weights_file, tmp_path):
+    """Real stained tissue (scikit-image's immunohistochemistry() sample, colonic glands) laid into glass as a
+    pyramidal slide: every kept tile gets one feature row, row i is the backbone's output on the pixels OpenSlide
+    itself reads at coords[i] (not histotoken's reader), and tissue features differ between tiles."""
+    import openslide
+    from skimage import data
+
+    from histotoken.data.wsi.synthetic import write_image_slide
+
+    rng = np.random.default_rng(0)
+    slide = np.clip(np.asarray((236, 234, 228)) + rng.normal(0, 2.5, size=(1024, 1024, 3)), 0, 255).astype(np.uint8)
+    slide[256:768, 256:768] = data.immunohistochemistry()
+    path = write_image_slide(tmp_path / "ihc.tif", slide, mpp=1.0, levels=4)
+    tiles = tmp_path / "tiles"
+    tile_slides(slide_jobs([path]), tiles, TilingSettings(tile_size=32, resolution=Resolution(2.0, "mpp")))
+    table = pd.read_parquet(formats.TilePaths(tiles).table("ihc"))
+    assert len(table) >= 40  # the 512 um photograph holds 64 tiles of 64 um; glass holds none
+    assert table["x"].between(256 - 64, 768).all() and table["y"].between(256 - 64, 768).all()
+
+    out = tmp_path / "features"
+    embed(tiles, out, EmbedSettings(MODEL, weights=str(weights_file), batch_size=16))
+    with h5py.File(out / "ihc.h5", "r") as handle:
+        features, coords = handle["features"][()], handle["coords"][()]
+    assert features.shape == (len(table), DIM)
+    np.testing.assert_array_equal(coords, table[["x", "y"]].to_numpy())
+    rows = [0, len(table) // 2, len(table) - 1]
+    with openslide.OpenSlide(str(path)) as reader:
+        images = []
+        for row in rows:
+            tile = table.iloc[row]
+            size = int(tile["read_size"])
+            region = reader.read_region((int(tile["x"]), int(tile["y"])), int(tile["level"]), (size, size))
+            image = region.convert("RGB").resize((32, 32), Image.BILINEAR) if size != 32 else region.convert("RGB")
+            images.append(np.asarray(image))
+    np.testing.assert_allclose(features[rows], independent_features(weights_file, images), rtol=1e-4, atol=1e-4)
+    spread = np.linalg.norm(features - features.mean(axis=0), axis=1)
+    assert spread.max() > 10 * 1e-4 * np.linalg.norm(features, axis=1).mean()  # features depend on the tissue
