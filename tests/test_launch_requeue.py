@@ -253,7 +253,7 @@ def test_a_cancelled_job_is_done_within_one_poll_and_a_stuck_one_is_reported_onc
     assert asked == [["5_0", "5_1"], ["5_1"], ["5_1"]]
     assert done[0][0] == "5_0" and done[0][1].startswith("CANCELLED")  # after the first poll
     assert [job for job, _ in stuck] == ["5_1"] and "PartitionConfig" in stuck[0][1]
-    assert "scancel 5" in stuck[0][1]
+    assert "`scancel 5_1`" in stuck[0][1]  # the stuck task, not the whole array
     assert [job for job, _ in done] == ["5_0", "5_1"]
 
 

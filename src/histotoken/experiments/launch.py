@@ -656,7 +656,7 @@ def wait_slurm(
                 if why and item.job_id not in told:
                     told.add(item.job_id)
                     message = (f"job {item.job_id} ({item.run.run_id}) pends with reason {state.reason}, which waiting "
-                               f"will not change: {why}; cancel it with `scancel {item.job_id.split('_')[0]}`")
+                               f"will not change: {why}; cancel it with `scancel {item.job_id}`")
                     logger.warning("%s", message)
                     if on_stuck:
                         on_stuck(item, message)

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from histotoken import formats
 from histotoken.io import atomic_write_json, read_json
 from histotoken.reporting.slides_study import (
     COHORT_DIR,
@@ -133,7 +134,7 @@ def run_slides_demo(out: str | Path, config: Mapping[str, Any] | None = None,
                             tissue_threshold=float(tiling_cfg.get("tissue_threshold", 0.5)),
                             min_tumor_fraction=float(tiling_cfg.get("min_tumor_fraction", 0.5)))
     jobs = slide_jobs(slide_paths(cohort), cohort / "annotations", cohort / "slides.csv")
-    pending = sum(not (tiles / "tiles" / f"{job.name}.parquet").is_file() for job in jobs)
+    pending = sum(not formats.TilePaths(tiles).table(job.name).is_file() for job in jobs)
     tiled = _timed(steps, "tile", lambda: tile_slides(jobs, tiles, tiling, workers=workers))
     failed = tiled[tiled["status"] != "done"]
     if len(failed):

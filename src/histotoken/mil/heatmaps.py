@@ -60,7 +60,7 @@ def slide_source(feature_file: str | Path) -> dict[str, object] | None:
     table_path = attrs.get("tile_table")
     if not table_path or not Path(str(table_path)).is_file():
         return None
-    table = pd.read_parquet(str(table_path), columns=["slide_path", "tile_size", "mpp"])
+    table = pd.read_parquet(str(table_path), columns=["slide_path"])
     if table.empty:
         return None
     tiles_root = Path(str(table_path)).parent.parent
