@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -26,3 +27,12 @@ def write_script(folder: Path, name: str, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
+
+
+def mark_finished(paths, domains: tuple[str, ...] = ("100",)) -> None:
+    """Make a run folder (``formats.RunPaths``) look finished: status finished, an eval file per test domain."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.status.write_text(json.dumps({"state": "finished", "error": None}))
+    for domain in domains:
+        paths.eval_file(domain).parent.mkdir(parents=True, exist_ok=True)
+        paths.eval_file(domain).write_text("{}")

@@ -149,10 +149,7 @@ def test_a_job_that_finds_its_run_finished_adds_no_attempt(synthetic_root, tmp_p
     splits = prepare_study(spec, study)
     (run,) = expand(spec)
     paths = RunPaths(StudyPaths(study).run_dir(run.run_id))
-    paths.root.mkdir(parents=True)
-    paths.status.write_text(json.dumps({"state": "finished", "error": None}))
-    paths.eval_file("100").parent.mkdir(parents=True, exist_ok=True)
-    paths.eval_file("100").write_text("{}")
+    study_spec.mark_finished(paths)
 
     outcome = execute_run(spec, study, run, splits[run.split_name])
     assert outcome.outcome == "done"

@@ -40,6 +40,15 @@ from tests import study_spec
 from tests.study_spec import PROTOCOL, write_script
 
 
+def one_run_study(data, tmp_path, **changes):
+    """(spec, study folder, its one planned run) of a prepared one-run study."""
+    spec = spec_from_dict(spec_dict(data, **changes), "s.yaml")
+    study = tmp_path / "study"
+    prepare_study(spec, study)
+    (run,) = expand(spec)
+    return spec, study, run
+
+
 def spec_dict(data, **changes):
     return study_spec.spec_dict(data, **{"name": "requeue", "tasks": ["binary"], "train_domains": ["100"], **changes})
 
@@ -57,10 +66,7 @@ def kept_tokens(monkeypatch):
 def test_checkpoint_requeues_an_unfinished_run_as_the_same_job_one_requeue_later(synthetic_root, tmp_path):
     from submitit.helpers import DelayedSubmission
 
-    spec = spec_from_dict(spec_dict(synthetic_root), "s.yaml")
-    study = tmp_path / "study"
-    prepare_study(spec, study)
-    (run,) = expand(spec)
+    spec, study, run = one_run_study(synthetic_root, tmp_path)
     job = RunJob(max_requeues=3)
     arguments = (spec, str(study), run.run_id, 600.0)
 
@@ -73,25 +79,15 @@ def test_checkpoint_requeues_an_unfinished_run_as_the_same_job_one_requeue_later
 
 
 def test_checkpoint_does_not_requeue_a_run_that_is_done(synthetic_root, tmp_path):
-    spec = spec_from_dict(spec_dict(synthetic_root), "s.yaml")
-    study = tmp_path / "study"
-    prepare_study(spec, study)
-    (run,) = expand(spec)
-    paths = RunPaths(StudyPaths(study).run_dir(run.run_id))
-    paths.root.mkdir(parents=True)
-    paths.status.write_text(json.dumps({"state": "finished", "error": None}))
-    paths.eval_file("100").parent.mkdir(parents=True, exist_ok=True)
-    paths.eval_file("100").write_text("{}")
+    spec, study, run = one_run_study(synthetic_root, tmp_path)
+    study_spec.mark_finished(RunPaths(StudyPaths(study).run_dir(run.run_id)))
     job = RunJob()
     assert job.checkpoint(spec, str(study), run.run_id, 600.0) is None
     assert not job.requeued
 
 
 def test_a_run_requeued_max_requeues_times_is_failed_asking_for_more_time(synthetic_root, tmp_path):
-    spec = spec_from_dict(spec_dict(synthetic_root), "s.yaml")
-    study = tmp_path / "study"
-    prepare_study(spec, study)
-    (run,) = expand(spec)
+    spec, study, run = one_run_study(synthetic_root, tmp_path)
     with pytest.raises(RequeueLimitReached, match="--timeout-min") as raised:
         RunJob(max_requeues=2, requeues=2).checkpoint(spec, str(study), run.run_id, 600.0)
     assert "3 times" in str(raised.value) and "\n" not in str(raised.value)
