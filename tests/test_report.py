@@ -602,3 +602,6 @@ def test_the_page_states_its_size_and_external_figures_sit_beside_it(tmp_path, m
     sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
     assert len(sources) == 3 and all((out.parent / source).is_file() for source in sources)
     assert "figures (" in page and "are in figures/ beside it" in page
+    printed = capsys.readouterr().out  # the command says the page needs its figures folder, and how big it is
+    assert f"report: {out} (" in printed and "keep figures/ beside it" in printed
+    assert "self-contained" not in printed

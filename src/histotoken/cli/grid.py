@@ -208,12 +208,9 @@ def print_outcome(outcome, signal_exit: bool = True) -> int:
         print(f"INTERRUPTED {row.run_id}: {row.error or 'its worker stopped'}; re-run the same command to resume it")
     print(f"\nresults: {outcome.results_csv}")
     if outcome.report:
-        import os
+        from histotoken.reporting.report import describe_report
 
-        from histotoken.reporting.report import human_size
-
-        size = human_size(os.path.getsize(outcome.report))
-        print(f"report:  {outcome.report}  ({size}; open it in a browser; it is one self-contained file)")
+        print(f"report:  {describe_report(outcome.report)}")
     if len(failed):
         return 1
     if signal_exit and len(interrupted):

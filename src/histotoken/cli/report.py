@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:  # a report from the tables as they are is still useful
             print(f"warning: could not rebuild the study tables ({error}); using them as they are")
     out = build_report(args.study_dir, out=args.out, figures=args.figures)
-    from histotoken.reporting.report import human_size
+    from histotoken.reporting.report import describe_report
 
-    print(f"report: {out} ({human_size(out.stat().st_size)})")
+    print(f"report: {describe_report(out, external_figures=args.figures == 'external')}")
     print(f"markdown: {out.with_suffix('.md')}  figures: {out.parent / 'figures'}")
     return 0

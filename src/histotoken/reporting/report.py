@@ -101,6 +101,12 @@ def human_size(n_bytes: float) -> str:
     return f"{int(n_bytes)} bytes"
 
 
+def describe_report(path: str | Path, external_figures: bool = False) -> str:
+    """``PATH (7.1 MB; open it in a browser: one self-contained file)``, as the commands print it."""
+    how = f"keep {FIGURES_DIR}/ beside it" if external_figures else "one self-contained file"
+    return f"{path} ({human_size(Path(path).stat().st_size)}; open it in a browser: {how})"
+
+
 def size_note(page_bytes: int, figure_bytes: int, external: bool, n_figures: int = 0) -> str:
     """The line that states the page's size (measured on a first rendering; the line itself adds a few bytes)."""
     if external:
