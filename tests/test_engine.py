@@ -165,3 +165,34 @@ def test_token_merging_at_test_time_writes_its_own_evaluation(synthetic_root, tm
     # the run's own evaluation is left as it was
     assert json.loads((tmp_path / "run" / "eval" / "100.json").read_text()) == plain
     assert merged["n_images"] == plain["n_images"]
+
+
+def test_validation_loss_and_accuracy_equal_a_recomputation_from_the_saved_weights(synthetic_root, tmp_path):
+    """metrics.csv's val/loss is the mean cross-entropy per image over the whole val split (its batches
+    of 6 are of unequal size), and val/acc scikit-learn's accuracy, both from the epoch's weights."""
+    import torch
+    from sklearn.metrics import accuracy_score
+
+    from histotoken.data.dataset import ImageDataset, ImageStore
+    from histotoken.data.domains import select_domain
+    from histotoken.data.splits import read_split
+    from histotoken.data.transforms import eval_transform, model_normalisation
+    from histotoken.engine.evaluate import load_best_model
+
+    run = tmp_path / "run"
+    train(tiny_config(synthetic_root, epochs=1, batch_size=6, bootstrap=0), run)
+    model, meta = load_best_model(run)  # one epoch: its best weights are the epoch's weights
+    split = read_split(run / "splits.csv")
+    val = select_domain(split[split["split"] == "val"], "100")
+    assert len(val) % 6, "the test needs a last batch of another size"
+    mean, std = model_normalisation(model)
+    dataset = ImageDataset(ImageStore.build(val, 32, universe=split), meta["class_names"], meta["class_column"],
+                           eval_transform(mean, std))
+    images, targets = zip(*(dataset[i] for i in range(len(dataset))))
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    targets = torch.as_tensor(targets)
+    metrics = pd.read_csv(run / "metrics.csv").iloc[0]
+    expected_loss = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert metrics["val/loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(accuracy_score(targets.numpy(), logits.argmax(1).numpy()))

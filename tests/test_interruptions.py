@@ -186,3 +186,52 @@ def test_last_checkpoint_is_written_on_its_interval_and_the_kept_one_on_a_crash(
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["epoch"] in (1, 2) and (run / "checkpoints" / "best.safetensors").is_file()
     assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2]
+
+
+class WatchKeptBuffers(L.Callback):
+    """Records where the engine's in-memory checkpoint keeps each weight after every epoch."""
+
+    def __init__(self) -> None:
+        self.addresses: list[dict[str, int]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):  # after the engine's own callbacks: this epoch's state
+        self._read(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._read(trainer)
+
+    def _read(self, trainer):
+        from histotoken.engine.callbacks import LastCheckpoint
+
+        (last,) = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
+        if last._kept is not None:
+            self.addresses.append({k: v.data_ptr() for k, v in last._kept["state_dict"].items()})
+
+
+def test_the_kept_checkpoint_is_one_copy_overwritten_in_place_every_epoch(synthetic_root, tmp_path):
+    watch = WatchKeptBuffers()
+    train(tiny_config(synthetic_root, epochs=4, checkpoint_interval_s=3600), tmp_path / "run", extra_callbacks=[watch])
+    assert len(watch.addresses) >= 4  # after each of the 4 epochs (and at the end)
+    assert all(addresses == watch.addresses[0] for addresses in watch.addresses)
+
+
+def test_a_kept_checkpoint_cut_short_by_an_error_is_never_written(synthetic_root, tmp_path, monkeypatch):
+    from histotoken.engine import callbacks
+
+    calls = {"n": 0}
+    real_keep = callbacks.keep
+
+    def failing_keep(buffer, value):
+        if isinstance(value, dict) and "optimizer_states" in value:  # a whole checkpoint (keep also recurses)
+            calls["n"] += 1
+            if calls["n"] == 2:  # epoch 2's copy over epoch 1's buffers fails half-way
+                real_keep(buffer["state_dict"], value["state_dict"])
+                raise RuntimeError("copy failed")
+        return real_keep(buffer, value)
+
+    monkeypatch.setattr(callbacks, "keep", failing_keep)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="copy failed"):
+        train(tiny_config(synthetic_root, checkpoint_interval_s=3600), run)
+    # epoch 1's checkpoint was overwritten in part: writing it would resume from a mix of two epochs
+    assert not (run / "checkpoints" / "last.ckpt").exists()

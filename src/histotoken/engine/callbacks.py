@@ -160,6 +160,8 @@ def keep(buffer: Any, value: Any) -> Any:
     A tensor of ``buffer`` with the same shape and dtype is overwritten in place, so keeping the state
     of every epoch costs one memory copy and no new allocation.
     """
+    if value is None or isinstance(value, (bool, int, float, str)):  # immutable: nothing to copy
+        return value
     if isinstance(value, torch.Tensor):
         if isinstance(buffer, torch.Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype:
             return buffer.copy_(value.detach())
@@ -254,8 +256,8 @@ class LastCheckpoint(L.Callback):
     def __init__(self, path: Path, interval_s: float, best: BestWeightsSaver | None = None) -> None:
         self.path, self.interval_s, self.best = path, float(interval_s), best
         self._last_write = time.monotonic()
-        self._pending: dict[str, Any] | None = None  # the last finished epoch's checkpoint, not yet written
-        self._spare: dict[str, Any] | None = None  # buffers to copy the next one into
+        self._kept: dict[str, Any] | None = None  # the last finished epoch's checkpoint, in reused buffers
+        self._unwritten = False  # whether _kept is whole and newer than last.ckpt
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_write = time.monotonic()
@@ -269,19 +271,23 @@ class LastCheckpoint(L.Callback):
             if self.best is not None:
                 self.best.flush(trainer)
             trainer.save_checkpoint(self.path)
-            self._last_write, self._pending = time.monotonic(), None
+            self._last_write, self._unwritten = time.monotonic(), False
         else:
-            # what trainer.save_checkpoint would write now (Lightning has no public call for the dict),
-            # copied into the spare buffers; the pending checkpoint is replaced only once the copy is whole
-            kept = keep(self._spare, trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
-            self._spare, self._pending = self._pending, kept
+            # What trainer.save_checkpoint would write now (Lightning has no public call for the dict),
+            # copied over the previous epoch's in the same buffers: one copy of the state in memory, and
+            # no new pages to fault in after the first epoch. Signals wait during the copy (this runs
+            # under EpochMetricsWriter's signals_held), and a copy cut short by an error is never written.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            self._unwritten = False
+            self._kept = keep(self._kept, checkpoint)
+            self._unwritten = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.best is not None:
             self.best.flush(trainer)
-        if self._pending is not None:
-            trainer.strategy.save_checkpoint(self._pending, self.path)  # the first process writes; no barrier
-            self._pending = None
+        if self._unwritten:
+            trainer.strategy.save_checkpoint(self._kept, self.path)  # the first process writes; no barrier
+            self._unwritten = False
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -128,8 +128,10 @@ def train(
     """
     import lightning as L
 
+    from histotoken.engine.allocator import keep_freed_memory
     from histotoken.engine.environment import describe_environment
 
+    keep_freed_memory()  # freed step memory stays with the process: no page faults every epoch
     paths = RunPaths(Path(run_dir))
     if config.data:
         config = dataclasses.replace(config, data=str(Path(config.data).expanduser().resolve()))

@@ -171,6 +171,9 @@ def predict_logits(
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("nothing to predict: the dataset is empty")
+    from histotoken.engine.allocator import keep_freed_memory
+
+    keep_freed_memory()
     module = PredictionModule(model, mean, std)
     loader = DataLoader(
         IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from timm.scheduler import CosineLRScheduler
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 
@@ -64,6 +64,11 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics = self._metrics(num_classes, "train/")
         self.val_metrics = self._metrics(num_classes, "val/")
         self.val_per_class_f1 = MulticlassF1Score(num_classes, average=None)
+        # Epoch means of the losses, weighted by batch size and reduced over processes when computed.
+        # Accumulated here rather than by a self.log call per step: Lightning's log costs about 1 ms
+        # per call on the CPU, which a step of a small model notices (benchmarks/engine_overhead.py).
+        self.train_losses = torch.nn.ModuleDict({"loss": MeanMetric()})
+        self.val_loss = MeanMetric()
 
     @staticmethod
     def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -89,14 +94,18 @@ class ClassifierModule(L.LightningModule):
         logits = self(images)
         loss, parts = self._loss(logits, targets)
         self.train_metrics.update(logits.detach().float(), targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
-        for name, value in parts.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        for name, value in {"loss": loss, **parts}.items():
+            if name not in self.train_losses:  # a model's auxiliary loss, seen at its first step
+                self.train_losses[name] = MeanMetric().to(loss.device)
+            self.train_losses[name].update(value.detach().float(), len(targets))
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self.log_dict({f"train/{name}": mean.compute() for name, mean in self.train_losses.items()})
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
+        for mean in self.train_losses.values():
+            mean.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, targets = batch
@@ -104,9 +113,11 @@ class ClassifierModule(L.LightningModule):
         loss, _ = self._loss(logits, targets)
         self.val_metrics.update(logits, targets)
         self.val_per_class_f1.update(logits, targets)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        self.val_loss.update(loss.detach(), len(targets))
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
         self.log_dict(self.val_metrics.compute())
         per_class = self.val_per_class_f1.compute()
         self.log_dict({f"val/f1/{name}": value for name, value in zip(self.class_names, per_class)})
