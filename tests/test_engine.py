@@ -49,6 +49,10 @@ def test_run_folder_records_config_environment_and_frozen_split(synthetic_root, 
     assert config["model"] == "resnet18" and config["epochs"] == 2
     environment = json.loads((run / "environment.json").read_text())
     assert environment["seed"] == 0 and environment["packages"]["torch"]
+    import platform
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert environment["malloc_tuning"] is glibc  # train() set glibc to keep freed memory (engine/allocator.py)
     metrics = pd.read_csv(run / "metrics.csv")
     # one epoch numbering (from 1) in the console line, metrics.csv, best.json and status.json
     console = [int(m.group(1)) for m in re.finditer(r"stage 1 epoch (\d+)/2:", caplog.text)]

@@ -52,3 +52,8 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success; fixing the mmap threshold also stops glibc's own adapting of both
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def in_effect() -> bool:
+    """Whether :func:`keep_freed_memory` has set glibc's thresholds in this process (for environment.json)."""
+    return _applied is True

@@ -49,7 +49,7 @@ def describe_environment(seed: int | None = None) -> dict[str, Any]:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
-    from histotoken.engine.allocator import keep_freed_memory
+    from histotoken.engine import allocator
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
@@ -60,7 +60,7 @@ def describe_environment(seed: int | None = None) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": torch.get_num_threads(),
         "gpu": gpu,
-        "malloc_tuning": keep_freed_memory(),  # glibc thresholds fixed for training (engine/allocator.py)
+        "malloc_tuning": allocator.in_effect(),  # glibc keeps freed memory (engine/allocator.py)
         "seed": seed,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

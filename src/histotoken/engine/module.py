@@ -65,7 +65,7 @@ class ClassifierModule(L.LightningModule):
         self.val_metrics = self._metrics(num_classes, "val/")
         self.val_per_class_f1 = MulticlassF1Score(num_classes, average=None)
         # Epoch means of the losses, weighted by batch size and reduced over processes when computed.
-        # Accumulated here rather than by a self.log call per step: Lightning's log costs about 1 ms
+        # Accumulated here rather than by a self.log call per step: Lightning's log costs 0.5-1 ms
         # per call on the CPU, which a step of a small model notices (benchmarks/engine_overhead.py).
         self.train_losses = torch.nn.ModuleDict({"loss": MeanMetric()})
         self.val_loss = MeanMetric()
